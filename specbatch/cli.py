@@ -1,0 +1,188 @@
+"""The `specbatch` command: run, query, demo. Results go to stdout; logs and progress to stderr.
+A user error prints one line (`error: ...`) and exits 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import SpecbatchError
+
+DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "demo_prompts.jsonl"
+
+# Offline-friendly defaults, set before Prefect, Ray or transformers are imported.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    p.add_argument("--model", default="demo", help="local folder or hub id (default: the bundled demo target)")
+    p.add_argument("--method", default="ar", choices=["ar"], help="decoding method (default: ar)")
+    p.add_argument("--max-new-tokens", type=int, default=64 if demo else 128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each holding the model")
+    p.add_argument("--shard-size", type=int, default=16 if demo else 64, help="requests per shard")
+    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together in a worker")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specbatch", description="Offline LLM generation with per-step metrics in SQL."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate completions for a prompt file (JSONL or Parquet)")
+    run.add_argument("input", help="prompt file: JSONL rows {id, prompt | messages, max_new_tokens?} or Parquet")
+    run.add_argument("--out", required=True, help="output folder (rerun over it to resume)")
+    _add_run_options(run)
+
+    query = sub.add_parser("query", help="run SQL over an output folder's views")
+    query.add_argument("out", help="output folder")
+    query.add_argument("sql", help='e.g. "select method, avg(completion_tokens) from requests group by 1"')
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    demo = sub.add_parser("demo", help="the bundled prompts and demo models, end to end")
+    demo.add_argument("--out", default="specbatch-demo", help="output folder (default: ./specbatch-demo)")
+    _add_run_options(demo, demo=True)
+    return parser
+
+
+def cmd_run(args, input_path: str) -> dict:
+    from .flows.generate import RunParams, check_run, generate
+
+    params = RunParams(
+        input=input_path,
+        out=args.out,
+        model=args.model,
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        ray_address=args.ray_address,
+    )
+    check_run(params)  # fail fast, in one line, before Prefect and Ray start
+    from dataclasses import asdict
+
+    return generate(**asdict(params))
+
+
+def cmd_query(args) -> None:
+    from .storage import connect
+
+    con = connect(args.out)
+    try:
+        cursor = con.execute(args.sql)
+    except Exception as e:  # duckdb.Error subclasses: parser, binder, catalog...
+        raise SpecbatchError(f"query failed: {str(e).splitlines()[0]}") from e
+    columns = [d[0] for d in cursor.description or []]
+    rows = cursor.fetchall()
+    write_rows(columns, rows, args.format)
+
+
+def write_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    if fmt == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows(rows)
+    elif fmt == "json":
+        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*columns)
+        for r in rows:
+            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in r))
+        Console(width=max(100, min(200, 16 * len(columns)))).print(table)
+
+
+DEMO_QUERIES = [
+    (
+        "per method",
+        "select method, count(*) as requests, sum(completion_tokens) as tokens, "
+        "round(avg(tokens_per_target_step), 2) as tokens_per_step, round(avg(decode_seconds), 3) as avg_decode_s "
+        "from requests group by 1 order by 1",
+    ),
+    ("errors", "select input_index, request_id, reason from errors order by input_index"),
+    (
+        "three completions",
+        "select request_id, replace(right(prompt, 30), chr(10), '⏎') as prompt_end, "
+        "replace(left(completion, 60), chr(10), '⏎') as completion, finish_reason "
+        "from generations order by input_index limit 3",
+    ),
+]
+
+
+def cmd_demo(args) -> None:
+    summary = cmd_run(args, str(DEMO_PROMPTS))
+    from .storage import connect
+
+    con = connect(args.out)
+    print(
+        f"specbatch demo: {summary['generations']} generations, {summary['errors']} errors, "
+        f"{summary['completion_tokens']} completion tokens in {args.out}/"
+    )
+    for title, sql in DEMO_QUERIES:
+        print(f"\n-- {title}: {sql}")
+        cursor = con.execute(sql)
+        write_rows([d[0] for d in cursor.description], cursor.fetchall(), "table")
+    print(f'\nTry: specbatch query {args.out} "select * from requests limit 5"')
+
+
+def _log_to_stderr(logger: logging.Logger) -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", stream=sys.stderr
+    )
+    try:
+        if args.command == "run":
+            summary = cmd_run(args, args.input)
+            print(json.dumps(summary, indent=1), file=sys.stderr)
+        elif args.command == "query":
+            cmd_query(args)
+        elif args.command == "demo":
+            cmd_demo(args)
+    except (SpecbatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

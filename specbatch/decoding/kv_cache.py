@@ -1,0 +1,77 @@
+"""A preallocated KV cache with one slot per batch row, each slot with its own length.
+
+Layout per layer: keys and values [num_slots, kv_heads, capacity, head_dim]. Slot s holds
+`lengths[s]` committed positions. A forward over some slots writes its new keys at each
+row's own positions lengths[s] .. lengths[s] + q - 1, whatever the other rows' lengths, so rows
+never need padding to a common length and position ids never drift. Nothing is committed by
+the forward itself: the engine calls `commit(slot, n)` for the tokens it keeps. Rolling back
+rejected draft tokens is simply not committing them (as gpt-fast does); the next write
+overwrites them and the mask never shows them.
+
+transformers' attention layers call `update(key, value, layer_idx)` and attend over what it
+returns; the engine passes a 4D mask from `attention_mask()` and explicit position ids, which
+transformers uses as given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, config, num_slots: int, capacity: int, device, dtype: torch.dtype) -> None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        shape = (num_slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.capacity = capacity
+        self.num_slots = num_slots
+        self.lengths = [0] * num_slots  # committed positions per slot (host-side bookkeeping)
+        self.device = device
+        self._slots = torch.arange(0)
+        self._write_pos = torch.zeros(0, 0, dtype=torch.long)
+        self._kv_len = 0
+        self._is_prefix_view = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def commit(self, slot: int, num_tokens: int) -> None:
+        self.lengths[slot] += num_tokens
+
+    def bind(self, slots: list[int], q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a forward of `q_len` new positions for each of `slots`.
+        Returns (position_ids [batch, q_len], attention mask [batch, 1, q_len, kv_len])."""
+        starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)  # [batch]
+        kv_len = max(self.lengths[s] for s in slots) + q_len
+        if kv_len > self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded (need {kv_len})")
+        self._slots = torch.tensor(slots, device=self.device)
+        self._is_prefix_view = slots == list(range(len(slots)))
+        self._write_pos = starts[:, None] + torch.arange(q_len, device=self.device)  # [batch, q_len]
+        self._kv_len = kv_len
+        key_pos = torch.arange(kv_len, device=self.device)
+        # Query i of a row sees every key at or before its own position: the committed cache
+        # plus this forward's first i + 1 tokens. Padded queries (beyond a row's real count)
+        # see only real keys and themselves, so no row is ever fully masked.
+        visible = key_pos[None, None, :] <= self._write_pos[:, :, None]  # [batch, q_len, kv_len]
+        return self._write_pos, visible[:, None]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key, value [batch, kv_heads, q_len, head_dim] -> the rows' caches [batch, kv_heads, kv_len, head_dim]."""
+        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
+        rows = self._slots[:, None]  # [batch, 1]
+        k_cache[rows, :, self._write_pos] = key.transpose(1, 2).to(k_cache.dtype)  # [batch, q_len, heads, dim]
+        v_cache[rows, :, self._write_pos] = value.transpose(1, 2).to(v_cache.dtype)
+        if self._is_prefix_view:
+            n = len(self._slots)
+            return k_cache[:n, :, : self._kv_len], v_cache[:n, :, : self._kv_len]
+        return k_cache[self._slots, :, : self._kv_len], v_cache[self._slots, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len

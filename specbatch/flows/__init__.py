@@ -1,0 +1,1 @@
+"""Prefect flows: plan shards, dispatch them to workers, collect, report."""

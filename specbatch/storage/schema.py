@@ -1,0 +1,90 @@
+"""The Parquet schemas of the output tables. Each table is a folder of Parquet files under the
+output directory and a DuckDB view of the same name (see views.py); docs/schema.md documents them."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+GENERATIONS = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("input_index", pa.int64()),  # 1-based line (JSONL) or row (Parquet) number in the input
+        ("prompt", pa.string()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("completion", pa.string()),
+        ("completion_token_ids", pa.list_(pa.int32())),
+        ("finish_reason", pa.string()),  # "stop" (EOS) or "length" (token limit / context end)
+    ]
+)
+
+REQUESTS = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("shard_id", pa.string()),
+        ("method", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("cached_prefix_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("target_steps", pa.int32()),  # target forwards this request took part in, prefill included
+        ("drafted_tokens", pa.int32()),
+        ("accepted_tokens", pa.int32()),
+        ("acceptance_rate", pa.float64()),  # accepted / drafted; null when nothing was drafted
+        ("tokens_per_target_step", pa.float64()),
+        ("queue_seconds", pa.float64()),
+        ("prefill_seconds", pa.float64()),
+        ("decode_seconds", pa.float64()),
+        ("worker", pa.string()),
+        ("attempt", pa.int32()),
+    ]
+)
+
+STEPS = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("step", pa.int32()),
+        ("num_draft", pa.int32()),  # K chosen for the step
+        ("drafted", pa.int32()),
+        ("accepted", pa.int32()),
+        ("emitted", pa.int32()),
+    ]
+)
+
+ERRORS = pa.schema(
+    [
+        ("request_id", pa.string()),  # null when the row had no usable id
+        ("input_index", pa.int64()),  # 1-based line (JSONL) or row (Parquet) number
+        ("stage", pa.string()),  # "input", "tokenize" or "generate"
+        ("reason", pa.string()),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("model", pa.string()),  # the resolved local path or hub id
+        ("draft_model", pa.string()),
+        ("method", pa.string()),
+        ("config", pa.string()),  # JSON of every setting that shapes the outputs
+        ("input_path", pa.string()),
+        ("input_sha256", pa.string()),
+        ("num_input_rows", pa.int64()),
+        ("num_shards", pa.int32()),
+        ("num_generations", pa.int64()),
+        ("num_errors", pa.int64()),
+        ("invocations", pa.int32()),  # how many times the run was started (resumes + 1)
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "generations": GENERATIONS,
+    "requests": REQUESTS,
+    "steps": STEPS,
+    "errors": ERRORS,
+    "runs": RUNS,
+}

@@ -1,0 +1,1 @@
+"""Ray actors that hold a model, run the engine on a shard and write its results."""

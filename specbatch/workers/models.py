@@ -1,0 +1,78 @@
+"""Find and load models: the bundled demo pair by name, anything else through from_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecbatchError
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_models"
+DEMO_MODELS = {"demo": DEMO_DIR / "target", "demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "draft"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model(name: str) -> str:
+    """'demo', 'demo-target', 'demo-draft', a local folder (made absolute) or a hub id (as is)."""
+    if name in DEMO_MODELS:
+        return str(DEMO_MODELS[name])
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith(("/", "./", "../", "~")):
+        raise SpecbatchError(f"model folder {name!r} does not exist")
+    return name
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise SpecbatchError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
+        raise SpecbatchError(f"cannot load the tokenizer of model {model!r}: {_first_line(e)}") from e
+
+
+def load_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as e:
+        raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}") from e
+
+
+def context_length(config) -> int:
+    return getattr(config, "max_position_embeddings", None) or 1 << 30
+
+
+def load_model(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except Exception as e:
+        raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}") from e
+    return lm.to(device).eval()
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

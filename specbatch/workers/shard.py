@@ -1,0 +1,26 @@
+"""What the flow hands a worker: a shard of tokenized requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ShardRequest:
+    request_id: str
+    input_index: int
+    prompt: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    seed: int
+    sample_index: int = 0
+
+
+@dataclass
+class Shard:
+    shard_id: str
+    requests: list[ShardRequest] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(r.prompt_ids) for r in self.requests)

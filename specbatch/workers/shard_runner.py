@@ -1,0 +1,120 @@
+"""Run the engine over one shard and write the shard's tables. Plain Python: the Ray actor
+wraps it, and tests drive it directly."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
+from ..storage import OutputDir
+from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS
+from .config import WorkerConfig
+from .models import eos_token_ids, load_model, load_tokenizer, resolve_dtype
+from .shard import Shard, ShardRequest
+
+
+@dataclass
+class ShardSummary:
+    shard_id: str
+    num_requests: int
+    num_errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    target_steps: int
+    seconds: float
+    worker: str
+    attempt: int
+
+
+class ShardRunner:
+    def __init__(self, config: WorkerConfig, worker: str = "worker-0") -> None:
+        self.config = config
+        self.worker = worker
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = load_model(config.model, config.device, resolve_dtype(config.dtype, config.device))
+        self.engine = Engine(self.model, eos_token_ids(self.model, self.tokenizer), max_batch_size=config.batch_size)
+        self.requests_done = 0
+        self.tokens_done = 0
+
+    def _engine_request(self, r: ShardRequest) -> GenerationRequest:
+        c = self.config
+        sampling = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, seed=r.seed)
+        return GenerationRequest(r.request_id, r.prompt_ids, r.max_new_tokens, sampling, r.sample_index)
+
+    def _count(self, result: GenerationResult) -> None:
+        self.requests_done += 1
+        self.tokens_done += result.completion_tokens
+
+    def run(self, shard: Shard, out: OutputDir, attempt: int = 1, on_result=None) -> ShardSummary:
+        t0 = time.perf_counter()
+
+        def counted(result: GenerationResult) -> None:
+            self._count(result)
+            if on_result is not None:
+                on_result(result)
+
+        results = self.engine.generate([self._engine_request(r) for r in shard.requests], on_result=counted)
+        texts = self.tokenizer.batch_decode([r.completion_ids for r in results], skip_special_tokens=True)
+        tables = self.tables(shard, results, texts, attempt)
+        summary = ShardSummary(
+            shard_id=shard.shard_id,
+            num_requests=len(results),
+            num_errors=0,
+            prompt_tokens=shard.num_prompt_tokens,
+            completion_tokens=sum(r.completion_tokens for r in results),
+            target_steps=sum(r.target_steps for r in results),
+            seconds=time.perf_counter() - t0,
+            worker=self.worker,
+            attempt=attempt,
+        )
+        out.write_unit(shard.shard_id, tables, summary=summary.__dict__)
+        return summary
+
+    def tables(
+        self, shard: Shard, results: list[GenerationResult], texts: list[str], attempt: int
+    ) -> dict[str, pa.Table]:
+        generations, requests, steps = [], [], []
+        for req, res, text in zip(shard.requests, results, texts):
+            key = {"request_id": req.request_id, "sample_index": req.sample_index}
+            generations.append(
+                key
+                | {
+                    "input_index": req.input_index,
+                    "prompt": req.prompt,
+                    "prompt_token_ids": req.prompt_ids,
+                    "completion": text,
+                    "completion_token_ids": res.completion_ids,
+                    "finish_reason": res.finish_reason,
+                }
+            )
+            requests.append(
+                key
+                | {
+                    "shard_id": shard.shard_id,
+                    "method": self.config.method,
+                    "prompt_tokens": res.prompt_tokens,
+                    "cached_prefix_tokens": res.cached_prefix_tokens,
+                    "completion_tokens": res.completion_tokens,
+                    "finish_reason": res.finish_reason,
+                    "target_steps": res.target_steps,
+                    "drafted_tokens": res.drafted_tokens,
+                    "accepted_tokens": res.accepted_tokens,
+                    "acceptance_rate": res.accepted_tokens / res.drafted_tokens if res.drafted_tokens else None,
+                    "tokens_per_target_step": res.completion_tokens / res.target_steps if res.target_steps else None,
+                    "queue_seconds": res.queue_seconds,
+                    "prefill_seconds": res.prefill_seconds,
+                    "decode_seconds": res.decode_seconds,
+                    "worker": self.worker,
+                    "attempt": attempt,
+                }
+            )
+            steps.extend(key | s.__dict__ for s in res.steps)
+        return {
+            "generations": pa.Table.from_pylist(generations, schema=GENERATIONS),
+            "requests": pa.Table.from_pylist(requests, schema=REQUESTS),
+            "steps": pa.Table.from_pylist(steps, schema=STEPS),
+            "errors": ERRORS.empty_table(),
+        }

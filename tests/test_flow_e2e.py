@@ -1,0 +1,186 @@
+"""End to end through a real Prefect server, a real local Ray cluster, real Parquet and DuckDB,
+and the bundled demo target model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specbatch.cli import main
+from specbatch.errors import SpecbatchError
+from specbatch.storage import connect
+from specbatch.workers.actor import FAULT_ENV
+from specbatch.workers.models import DEMO_MODELS
+
+pytestmark = pytest.mark.slow
+
+GOOD = [
+    {"id": "add", "prompt": "def add(a, b):\n"},
+    {"id": "cls", "prompt": "class Stack:\n    def __init__(self):\n"},
+    {"prompt": "import os\n\n", "max_new_tokens": 5},
+    {"id": "imp", "prompt": "import sys\nimport os\n"},
+    {"id": "chat", "messages": [{"role": "user", "content": "reverse a string"}]},
+    {"id": "doc", "prompt": '    """Return the'},
+    {"id": "for", "prompt": "for i in range(10):\n"},
+    {"id": "try", "prompt": "try:\n    import threading\nexcept ImportError:\n"},
+]
+BAD = [
+    '{"id": "empty", "prompt": ""}',
+    "this is not json",
+    '{"id": "add", "prompt": "dup"}',
+    '{"id": "n", "prompt": 3}',
+    json.dumps({"id": "huge", "prompt": "x = 1\n" * 600}),
+]
+SETTINGS = dict(model="demo", max_new_tokens=12, shard_size=3, batch_size=4, workers=2)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("input") / "prompts.jsonl"
+    lines = [json.dumps(r) for r in GOOD]
+    for i, bad in enumerate(BAD):  # bad rows mixed in at lines 2, 4, 6, ...
+        lines.insert(1 + 2 * i, bad)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def snapshot(out) -> dict:
+    con = connect(out)
+    timing = "exclude (queue_seconds, prefill_seconds, decode_seconds)"
+    return {
+        "generations": con.execute("select * from generations order by all").fetchall(),
+        "requests": con.execute(f"select * {timing} from requests order by all").fetchall(),
+        "errors": con.execute("select * from errors order by all").fetchall(),
+    }
+
+
+def run_flow(prompts_file, out, **overrides):
+    from specbatch.flows.generate import generate
+
+    return generate(input=str(prompts_file), out=str(out), **(SETTINGS | overrides))
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_server, ray_cluster, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    summary = run_flow(prompts_file, out)
+    return out, summary
+
+
+def test_rows_in_equal_generations_plus_errors(finished_run, prompts_file):
+    out, summary = finished_run
+    con = connect(out)
+    num_lines = len(prompts_file.read_text().splitlines())
+    generations = con.execute("select count(*) from generations").fetchone()[0]
+    errors = con.execute("select count(*) from errors").fetchone()[0]
+    assert (generations, errors) == (len(GOOD), len(BAD))
+    assert generations + errors == num_lines == summary["input_rows"]
+    bad_lines = [i for i, line in enumerate(prompts_file.read_text().splitlines(), 1) if line in BAD]
+    assert [r[0] for r in con.execute("select input_index from errors order by 1").fetchall()] == bad_lines
+    ids = [r[0] for r in con.execute("select request_id from generations").fetchall()]
+    assert len(ids) == len(set(ids)) and "line-5" in ids  # the row without an id, at line 5
+    reasons = dict(con.execute("select request_id, reason from errors where request_id is not null").fetchall())
+    assert "context is 512" in reasons["huge"] and "duplicate id 'add'" in reasons["add"]
+    run = con.execute("select run_id, method, model, num_generations, num_errors from runs").fetchall()
+    assert run == [(summary["run_id"], "ar", str(DEMO_MODELS["demo"]), len(GOOD), len(BAD))]
+
+
+def test_greedy_completions_equal_transformers_generate(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = finished_run
+    path = DEMO_MODELS["demo"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = (
+        connect(out)
+        .execute(
+            "select g.request_id, g.prompt_token_ids, g.completion_token_ids, g.completion, g.finish_reason "
+            "from generations g order by g.request_id"
+        )
+        .fetchall()
+    )
+    for request_id, prompt_ids, completion_ids, completion, finish in rows:
+        limit = 5 if request_id == "line-5" else 12
+        ids = torch.tensor([prompt_ids])
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=limit,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )[0, len(prompt_ids) :].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[: ref.index(tok.eos_token_id)]
+            assert finish == "stop"
+        assert completion_ids == ref, f"{request_id}: engine differs from transformers generate"
+        assert completion == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_metrics_are_consistent(finished_run):
+    out, _ = finished_run
+    con = connect(out)
+    bad = con.execute(
+        "select request_id from requests where target_steps != completion_tokens + (finish_reason = 'stop')::int "
+        "or drafted_tokens != 0 or acceptance_rate is not null or method != 'ar'"
+    ).fetchall()
+    assert bad == []
+    assert con.execute("select count(*) from steps").fetchone() == (0,)  # plain decoding records no steps
+
+
+def test_rerun_changes_nothing_and_changed_settings_are_refused(finished_run, prompts_file):
+    out, first = finished_run
+    before = snapshot(out)
+    again = run_flow(prompts_file, out)
+    assert again["shards_run_now"] == 0 and again["run_id"] == first["run_id"]
+    assert snapshot(out) == before
+    with pytest.raises(SpecbatchError, match=r"temperature \(0.0 -> 0.5\)"):
+        run_flow(prompts_file, out, temperature=0.5)
+
+
+def test_a_worker_dying_mid_shard_is_retried_on_another(
+    prefect_server, ray_cluster, prompts_file, tmp_path, finished_run, monkeypatch
+):
+    monkeypatch.setenv(FAULT_ENV, "shard-00001")
+    summary = run_flow(prompts_file, tmp_path)
+    assert (tmp_path / ".fault-injected-shard-00001").exists()
+    assert summary["retries"] == 1 and summary["failed_shards"] == 0
+    con = connect(tmp_path)
+    attempts = dict(con.execute("select shard_id, max(attempt) from requests group by 1").fetchall())
+    assert attempts["shard-00001"] == 2 and attempts["shard-00000"] == 1
+    clean_out, _ = finished_run
+    assert snapshot(tmp_path)["generations"] == snapshot(clean_out)["generations"]  # nothing lost or duplicated
+
+
+def test_cli_query_formats(finished_run, capsys):
+    out, _ = finished_run
+    assert main(["query", str(out), "select method, count(*) as n from requests group by 1", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == f"method,n\nar,{len(GOOD)}\n"
+    assert main(["query", str(out), "select count(*) as n from errors", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": len(BAD)}]
+    assert main(["query", str(out), "select nope from requests"]) == 2
+    assert "query failed" in capsys.readouterr().err
+
+
+def test_cli_one_line_errors(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: input file '{tmp_path / 'missing.jsonl'}' does not exist"
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    assert main(["run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), "--model", "./no-such-model"]) == 2
+    assert "model folder './no-such-model' does not exist" in capsys.readouterr().err
+
+
+def test_demo_command_end_to_end(prefect_server, ray_cluster, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "specbatch demo: 32 generations, 0 errors" in printed
+    con = connect(out)
+    assert con.execute("select count(*) from requests").fetchone() == (32,)
+    limits = dict(con.execute("select request_id, max(completion_tokens) from requests group by 1").fetchall())
+    assert limits.pop("files-3") <= 24  # this bundled row sets its own max_new_tokens
+    assert max(limits.values()) == 8
+    assert con.execute("select count(*) from generations where len(completion_token_ids) = 0").fetchone() == (0,)
