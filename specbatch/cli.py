@@ -27,7 +27,21 @@ _ENV_DEFAULTS = {
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--model", default="demo", help="local folder or hub id (default: the bundled demo target)")
-    p.add_argument("--method", default="ar", choices=["ar"], help="decoding method (default: ar)")
+    p.add_argument(
+        "--method", default="ar", choices=["ar", "draft"], help="ar: plain; draft: speculative with a draft model"
+    )
+    p.add_argument(
+        "--draft", default=None, help="draft model for --method draft (default with the demo target: the demo draft)"
+    )
+    p.add_argument(
+        "--num-draft-tokens", type=int, default=4, help="K: tokens drafted per step (the adaptive policy's maximum)"
+    )
+    p.add_argument(
+        "--draft-policy",
+        default="adaptive",
+        choices=["fixed", "adaptive"],
+        help="fixed: always K; adaptive: K from measured acceptance and cost, down to 0 (default)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64 if demo else 128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -58,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     demo = sub.add_parser("demo", help="the bundled prompts and demo models, end to end")
-    demo.add_argument("--out", default="specbatch-demo", help="output folder (default: ./specbatch-demo)")
+    demo.add_argument(
+        "--out", default="specbatch-demo", help="output folder (default: ./specbatch-demo): ar/ and draft/ inside"
+    )
     _add_run_options(demo, demo=True)
     return parser
 
@@ -82,6 +98,9 @@ def cmd_run(args, input_path: str) -> dict:
         device=args.device,
         dtype=args.dtype,
         ray_address=args.ray_address,
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
+        draft_policy=args.draft_policy,
     )
     check_run(params)  # fail fast, in one line, before Prefect and Ray start
     from dataclasses import asdict
@@ -123,33 +142,59 @@ DEMO_QUERIES = [
     (
         "per method",
         "select method, count(*) as requests, sum(completion_tokens) as tokens, "
-        "round(avg(tokens_per_target_step), 2) as tokens_per_step, round(avg(decode_seconds), 3) as avg_decode_s "
-        "from requests group by 1 order by 1",
+        "round(sum(completion_tokens) / sum(target_steps), 2) as tokens_per_target_step, "
+        "round(sum(accepted_tokens) / nullif(sum(drafted_tokens), 0), 2) as acceptance, "
+        "round(sum(draft_seconds) / sum(draft_seconds + target_seconds), 2) as draft_time_share "
+        "from requests group by 1",
+        ("ar", "draft"),
     ),
-    ("errors", "select input_index, request_id, reason from errors order by input_index"),
+    (
+        "acceptance by the K the policy chose (steps table)",
+        "select num_draft as k, count(*) as steps, round(avg(accepted), 2) as avg_accepted, "
+        "round(avg(emitted), 2) as avg_emitted from steps group by 1 order by 1",
+        ("draft",),
+    ),
     (
         "three completions",
         "select request_id, replace(right(prompt, 30), chr(10), '⏎') as prompt_end, "
         "replace(left(completion, 60), chr(10), '⏎') as completion, finish_reason "
         "from generations order by input_index limit 3",
+        ("draft",),
     ),
 ]
 
 
 def cmd_demo(args) -> None:
-    summary = cmd_run(args, str(DEMO_PROMPTS))
+    """The bundled prompts through the whole pipeline twice, plain and speculative, into
+    OUT/ar and OUT/draft; then a comparison and a few queries."""
     from .storage import connect
 
-    con = connect(args.out)
+    root = args.out
+    summaries = {}
+    for method in ("ar", "draft"):
+        args.method, args.out = method, str(Path(root) / method)
+        summaries[method] = cmd_run(args, str(DEMO_PROMPTS))
+    ar, draft = connect(Path(root) / "ar"), connect(Path(root) / "draft")
+    query = "select request_id, completion_token_ids from generations order by request_id"
+    same = sum(a == b for a, b in zip(ar.execute(query).fetchall(), draft.execute(query).fetchall()))
+    s = summaries["ar"]
     print(
-        f"specbatch demo: {summary['generations']} generations, {summary['errors']} errors, "
-        f"{summary['completion_tokens']} completion tokens in {args.out}/"
+        f"specbatch demo: {s['generations']} generations, {s['errors']} errors, {s['completion_tokens']} tokens, in {root}/ar and {root}/draft"
     )
-    for title, sql in DEMO_QUERIES:
+    print(f"greedy outputs identical between ar and draft: {same}/{s['generations']}")
+    print(
+        f"wall time of the generation step: ar {summaries['ar']['seconds_this_invocation']}s, "
+        f"draft {summaries['draft']['seconds_this_invocation']}s (CPU, {args.workers} worker(s), batch {args.batch_size})"
+    )
+    connections = {"ar": ar, "draft": draft}
+    for title, sql, runs in DEMO_QUERIES:
         print(f"\n-- {title}: {sql}")
-        cursor = con.execute(sql)
-        write_rows([d[0] for d in cursor.description], cursor.fetchall(), "table")
-    print(f'\nTry: specbatch query {args.out} "select * from requests limit 5"')
+        columns, rows = [], []
+        for run in runs:
+            cursor = connections[run].execute(sql)
+            columns, rows = [d[0] for d in cursor.description], rows + cursor.fetchall()
+        write_rows(columns, rows, "table")
+    print(f'\nTry: specbatch query {root}/draft "select * from steps limit 10"')
 
 
 def _log_to_stderr(logger: logging.Logger) -> None:

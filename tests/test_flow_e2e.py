@@ -178,9 +178,53 @@ def test_demo_command_end_to_end(prefect_server, ray_cluster, tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     assert "specbatch demo: 32 generations, 0 errors" in printed
-    con = connect(out)
-    assert con.execute("select count(*) from requests").fetchone() == (32,)
-    limits = dict(con.execute("select request_id, max(completion_tokens) from requests group by 1").fetchall())
-    assert limits.pop("files-3") <= 24  # this bundled row sets its own max_new_tokens
-    assert max(limits.values()) == 8
-    assert con.execute("select count(*) from generations where len(completion_token_ids) = 0").fetchone() == (0,)
+    assert "greedy outputs identical between ar and draft: 32/32" in printed
+    for method in ("ar", "draft"):
+        con = connect(out / method)
+        assert con.execute("select count(*), min(method), max(method) from requests").fetchone() == (32, method, method)
+        limits = dict(con.execute("select request_id, max(completion_tokens) from requests group by 1").fetchall())
+        assert limits.pop("files-3") <= 24  # this bundled row sets its own max_new_tokens
+        assert max(limits.values()) == 8
+    assert connect(out / "draft").execute("select count(*) > 0 from steps").fetchone() == (True,)
+
+
+def test_draft_method_end_to_end_equals_ar(finished_run, prompts_file, tmp_path):
+    """--method draft through Prefect and Ray: the same greedy generations as --method ar,
+    per-step rows in `steps`, acceptance in `requests`, the draft in `runs`."""
+    ar_out, _ = finished_run
+    summary = run_flow(prompts_file, tmp_path, method="draft", num_draft_tokens=3, draft_policy="fixed")
+    assert summary["generations"] == len(GOOD)
+    assert snapshot(tmp_path)["generations"] == snapshot(ar_out)["generations"]
+    con = connect(tmp_path)
+    drafted, accepted, steps = con.execute(
+        "select sum(drafted_tokens), sum(accepted_tokens), sum(target_steps) from requests"
+    ).fetchone()
+    assert 0 < accepted <= drafted
+    step_rows = con.execute("select count(*), sum(drafted), sum(accepted), max(num_draft) from steps").fetchone()
+    assert step_rows == (steps - len(GOOD), drafted, accepted, 3)  # every step but the prefills
+    assert con.execute("select draft_model, method from runs").fetchone() == (str(DEMO_MODELS["demo-draft"]), "draft")
+    assert con.execute("select count(*) from requests where draft_seconds <= 0").fetchone() == (0,)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-draft"
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(DEMO_MODELS["demo"]).save_pretrained(other)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    code = main(
+        ["run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), "--method", "draft", "--draft", str(other)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not share the target's vocabulary" in err and "300 logits" in err
+    assert not (tmp_path / "o").exists()

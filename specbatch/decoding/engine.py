@@ -1,10 +1,18 @@
-"""Batched decoding with continuous batching over a slot KV cache.
+"""Batched decoding with continuous batching over a slot KV cache, plain or speculative.
 
 The engine takes token ids and returns token ids; it knows nothing of text or files. Requests
 wait in a queue; whenever slots are free, waiting requests are admitted and prefilled together
-(one forward, ragged prompts right-padded, each row at its own positions), and every decode
-step runs one forward over all active rows. A finished row frees its slot at once and the next
-waiting request takes it, so throughput holds when output lengths vary.
+(one forward, ragged prompts right-padded, each row at its own positions). Every decode step then:
+
+    K      = policy.choose(batch)              # 0 for plain decoding
+    drafts = proposer.propose(rows, K_b)       # K_b <= K per row, capped by the row's token limit
+    logits = target([last token] + drafts)     # one forward, [batch, max K_b + 1, vocab]
+    n_b, t = verify(logits, drafts)            # rejection sampling; greedy: exact argmax match
+    commit 1 + n_b positions of row b          # rejected positions are simply not committed
+
+A finished row frees its slot at once and the next waiting request takes it, so throughput holds
+when output lengths vary. Each row accepts its own number of tokens; its KV cache length and
+position ids are its own, so nothing drifts after ragged acceptance.
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .forward import forward_slots, last_logits, pad_right
 from .kv_cache import SlotKVCache
-from .params import GenerationRequest, GenerationResult
+from .params import GenerationRequest, GenerationResult, StepRecord
+from .proposer import Proposer
 from .sampling import RowSampling, next_tokens
+from .verifier import verify
 
 
 @dataclass
@@ -29,11 +40,17 @@ class _Row:
     slot: int
     generator: torch.Generator
     result: GenerationResult
-    pending: int = -1  # the last chosen token: emitted, not yet in the KV cache
-    admitted_at: float = 0.0
     prefilled_at: float = 0.0
     done: bool = False
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # emitted; the last is not yet in the target cache
+
+    @property
+    def seq(self) -> list[int]:
+        return self.request.prompt_ids + self.tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.tokens)
 
 
 @dataclass
@@ -45,11 +62,12 @@ class EngineStats:
 
 
 class Engine:
-    """Batched autoregressive decoding for any transformers causal LM.
+    """Batched decoding for any transformers causal LM.
 
-    model: a transformers causal LM in eval mode. eos_token_ids: tokens that end a request.
-    max_batch_size: slots decoded together. max_prefill_tokens: cap on padded tokens per
-    prefill forward (bounds activation memory when many long prompts arrive at once).
+    model: the target, in eval mode. eos_token_ids: tokens that end a request. max_batch_size:
+    slots decoded together. max_prefill_tokens: cap on padded tokens per prefill forward.
+    proposer and policy: speculative decoding (see proposer.py, draft_policy.py); without them,
+    plain autoregressive decoding, which records no per-step rows.
     """
 
     def __init__(
@@ -58,13 +76,19 @@ class Engine:
         eos_token_ids: Iterable[int],
         max_batch_size: int = 8,
         max_prefill_tokens: int = 8192,
+        proposer: Proposer | None = None,
+        policy=None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if (proposer is None) != (policy is None):
+            raise ValueError("a proposer needs a draft policy and vice versa")
         self.model = model
         self.eos = set(int(t) for t in eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.proposer = proposer
+        self.policy = policy
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -86,9 +110,13 @@ class Engine:
         if not requests:
             return []
         start = time.perf_counter()
-        capacity = min(self.max_positions, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+        longest = min(self.max_positions, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+        max_k = getattr(self.policy, "max_k", getattr(self.policy, "k", 0))
+        capacity = longest + max_k + 1  # padded verify positions of rows near their end
         num_slots = min(self.max_batch_size, len(requests))
         cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
+        if self.proposer is not None:
+            self.proposer.start(num_slots, capacity)
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, cache.nbytes)
         waiting = deque(enumerate(requests))
         free = list(range(num_slots - 1, -1, -1))
@@ -102,29 +130,26 @@ class Engine:
             results[order[row.slot]] = row.result
             del active[row.slot]
             free.append(row.slot)
+            if self.proposer is not None:
+                self.proposer.release(row.slot)
             if on_result is not None:
                 on_result(row.result)
 
         while waiting or active:
             admitted: list[_Row] = []
-            longest = 0
+            longest_prompt = 0
             while waiting and free:
                 index, req = waiting[0]
-                longest = max(longest, len(req.prompt_ids))
-                if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
+                longest_prompt = max(longest_prompt, len(req.prompt_ids))
+                if admitted and longest_prompt * (len(admitted) + 1) > self.max_prefill_tokens:
                     break
                 waiting.popleft()
                 slot = free.pop()
                 cache.reset(slot)
                 order[slot] = index
-                row = _Row(
-                    request=req,
-                    slot=slot,
-                    generator=torch.Generator().manual_seed(req.sampling.seed),
-                    result=GenerationResult(req.request_id, req.sample_index, len(req.prompt_ids), [], "length"),
-                    admitted_at=time.perf_counter(),
-                )
-                row.result.queue_seconds = row.admitted_at - start
+                result = GenerationResult(req.request_id, req.sample_index, len(req.prompt_ids), [], "length")
+                result.queue_seconds = time.perf_counter() - start
+                row = _Row(req, slot, torch.Generator().manual_seed(req.sampling.seed), result)
                 active[slot] = row
                 admitted.append(row)
             if admitted:
@@ -137,62 +162,89 @@ class Engine:
                     finish(row)
         return results  # type: ignore[return-value]
 
-    def _forward(self, cache: SlotKVCache, slots: list[int], input_ids: torch.Tensor, logits_at=None):
-        """One target forward of input_ids [batch, q] for `slots`; logits [batch, q or len(logits_at), vocab]."""
-        position_ids, visible = cache.bind(slots, input_ids.shape[1])
-        mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+    def _target(self, run) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=0 if logits_at is None else logits_at,
-        )
+        logits = run()
         self.stats.target_forwards += 1
         self.stats.target_seconds += time.perf_counter() - t0
-        return out.logits
+        return logits
 
     def _prefill(self, cache: SlotKVCache, rows: list[_Row]) -> None:
         t0 = time.perf_counter()
-        lengths = [len(r.request.prompt_ids) for r in rows]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : lengths[i]] = torch.tensor(r.request.prompt_ids)
-        last = torch.tensor(lengths) - 1  # [batch]
-        keep, where = torch.unique(last, return_inverse=True)
-        logits = self._forward(cache, [r.slot for r in rows], ids.to(self.device), keep.to(self.device))
-        logits = logits[torch.arange(len(rows)), where.to(self.device)]  # [batch, vocab]
-        for r, n in zip(rows, lengths):
-            cache.commit(r.slot, n)
-        self.stats.prefill_tokens += sum(lengths)
-        self._emit(rows, logits)
-        elapsed = time.perf_counter() - t0
-        for r in rows:
-            r.prefilled_at = time.perf_counter()
-            r.result.prefill_seconds = elapsed
-
-    def _decode_step(self, cache: SlotKVCache, rows: list[_Row]) -> list[_Row]:
-        ids = torch.tensor([[r.pending] for r in rows], device=self.device)  # [batch, 1]
-        logits = self._forward(cache, [r.slot for r in rows], ids)[:, -1]  # [batch, vocab]
-        for r in rows:
-            cache.commit(r.slot, 1)
-        self._emit(rows, logits)
-        return [r for r in rows if r.done]
-
-    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token from logits [batch, vocab] and check its stop conditions."""
+        slots = [r.slot for r in rows]
+        prompts = [r.request.prompt_ids for r in rows]
+        logits = self._target(lambda: last_logits(self.model, cache, slots, prompts))
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)
         sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
         chosen = next_tokens(logits, sampling).tolist()
+        elapsed = time.perf_counter() - t0
         for r, token in zip(rows, chosen):
             r.result.target_steps += 1
+            r.result.target_seconds += elapsed
+            r.result.prefill_seconds = elapsed
+            r.prefilled_at = time.perf_counter()
+            self._emit(r, [token])
+
+    def _decode_step(self, cache: SlotKVCache, rows: list[_Row]) -> list[_Row]:
+        sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
+        slots = [r.slot for r in rows]
+        seq_lens = [len(r.request.prompt_ids) + len(r.tokens) for r in rows]
+        k = self.policy.choose(len(rows)) if self.policy is not None else 0
+        # Never draft past a row's token limit or the model's context: the bonus token counts too.
+        ks = [max(0, min(k, r.remaining - 1, self.max_positions - n - 1)) for r, n in zip(rows, seq_lens)]
+        draft, draft_seconds, draft_forwards = None, 0.0, 0
+        if any(ks):
+            before = (self.proposer.seconds, self.proposer.forwards)
+            draft = self.proposer.propose(slots, [r.seq for r in rows], ks, sampling)
+            draft_seconds = self.proposer.seconds - before[0]
+            draft_forwards = self.proposer.forwards - before[1]
+        num_draft = draft.num_draft if draft is not None else [0] * len(rows)
+        width = max(num_draft) + 1
+        drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
+        inputs = [[r.tokens[-1]] + drafts[b][: num_draft[b]] for b, r in enumerate(rows)]
+        ids, lengths = pad_right(inputs, self.device)
+        t0 = time.perf_counter()
+        logits = self._target(
+            lambda: forward_slots(self.model, cache, slots, ids, None, lengths.tolist())
+        )  # [batch, width, vocab]
+        verdict = verify(logits[:, :width], draft, sampling)
+        target_seconds = time.perf_counter() - t0
+        for b, r in enumerate(rows):
+            accepted = verdict.num_accepted[b]
+            cache.commit(r.slot, 1 + accepted)
+            r.result.target_steps += 1
+            r.result.target_seconds += target_seconds
+            r.result.draft_seconds += draft_seconds
+            r.result.drafted_tokens += num_draft[b]
+            r.result.accepted_tokens += accepted
+            emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
+            if self.proposer is not None:
+                r.result.steps.append(StepRecord(len(r.result.steps), k, num_draft[b], accepted, emitted))
+        if self.proposer is not None:
+            self.proposer.accepted(slots, seq_lens, verdict.num_accepted)
+            self.policy.observe(
+                num_draft=num_draft,
+                num_accepted=verdict.num_accepted,
+                target_tokens=len(rows) * width,
+                target_seconds=target_seconds,
+                draft_forwards=draft_forwards,
+                draft_rows=sum(1 for n in num_draft if n),
+                draft_seconds=draft_seconds,
+            )
+        return [r for r in rows if r.done]
+
+    def _emit(self, row: _Row, tokens: list[int]) -> int:
+        """Append tokens to a row up to a stop (EOS, not emitted; the token limit; the context end).
+        Returns how many were appended."""
+        emitted = 0
+        for token in tokens:
             if token in self.eos:
-                r.done, r.result.finish_reason = True, "stop"
-                continue
-            r.tokens.append(token)
-            r.pending = token
-            context_full = len(r.request.prompt_ids) + len(r.tokens) >= self.max_positions
-            if len(r.tokens) >= r.request.max_new_tokens or context_full:
-                r.done, r.result.finish_reason = True, "length"
+                row.done, row.result.finish_reason = True, "stop"
+                break
+            row.tokens.append(token)
+            emitted += 1
+            context_full = len(row.request.prompt_ids) + len(row.tokens) >= self.max_positions
+            if row.remaining <= 0 or context_full:
+                row.done, row.result.finish_reason = True, "length"
+                break
+        return emitted

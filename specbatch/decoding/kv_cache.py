@@ -32,6 +32,7 @@ class SlotKVCache:
         self._slots = torch.arange(0)
         self._write_pos = torch.zeros(0, 0, dtype=torch.long)
         self._kv_len = 0
+        self._real: torch.Tensor | None = None
         self._is_prefix_view = False
 
     @property
@@ -44,30 +45,44 @@ class SlotKVCache:
     def commit(self, slot: int, num_tokens: int) -> None:
         self.lengths[slot] += num_tokens
 
-    def bind(self, slots: list[int], q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a forward of `q_len` new positions for each of `slots`.
+    def bind(
+        self, slots: list[int], q_len: int, num_real: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a forward of `q_len` new positions for each of `slots`, of which the first
+        num_real[b] are real tokens (all, by default) and the rest right padding.
         Returns (position_ids [batch, q_len], attention mask [batch, 1, q_len, kv_len])."""
+        num_real = num_real or [q_len] * len(slots)
         starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)  # [batch]
-        kv_len = max(self.lengths[s] for s in slots) + q_len
+        kv_len = max(self.lengths[s] + n for s, n in zip(slots, num_real))
         if kv_len > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded (need {kv_len})")
         self._slots = torch.tensor(slots, device=self.device)
         self._is_prefix_view = slots == list(range(len(slots)))
-        self._write_pos = starts[:, None] + torch.arange(q_len, device=self.device)  # [batch, q_len]
+        offsets = torch.arange(q_len, device=self.device)
+        self._write_pos = starts[:, None] + offsets  # [batch, q_len]
+        # Only real tokens are written: padding never lands past a row's end or over its keys.
+        self._real = None if min(num_real) == q_len else offsets < torch.tensor(num_real, device=self.device)[:, None]
         self._kv_len = kv_len
         key_pos = torch.arange(kv_len, device=self.device)
         # Query i of a row sees every key at or before its own position: the committed cache
-        # plus this forward's first i + 1 tokens. Padded queries (beyond a row's real count)
-        # see only real keys and themselves, so no row is ever fully masked.
+        # plus this forward's first i + 1 tokens. A padded query sees its row's keys up to
+        # kv_len (finite values, outputs discarded); key 0 is always visible, so no query is
+        # ever fully masked.
         visible = key_pos[None, None, :] <= self._write_pos[:, :, None]  # [batch, q_len, kv_len]
         return self._write_pos, visible[:, None]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key, value [batch, kv_heads, q_len, head_dim] -> the rows' caches [batch, kv_heads, kv_len, head_dim]."""
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
-        rows = self._slots[:, None]  # [batch, 1]
-        k_cache[rows, :, self._write_pos] = key.transpose(1, 2).to(k_cache.dtype)  # [batch, q_len, heads, dim]
-        v_cache[rows, :, self._write_pos] = value.transpose(1, 2).to(v_cache.dtype)
+        rows = self._slots[:, None].expand_as(self._write_pos)  # [batch, q_len]
+        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [batch, q_len, heads, dim]
+        if self._real is None:
+            k_cache[rows, :, self._write_pos] = key.to(k_cache.dtype)
+            v_cache[rows, :, self._write_pos] = value.to(v_cache.dtype)
+        else:
+            real = self._real
+            k_cache[rows[real], :, self._write_pos[real]] = key[real].to(k_cache.dtype)
+            v_cache[rows[real], :, self._write_pos[real]] = value[real].to(v_cache.dtype)
         if self._is_prefix_view:
             n = len(self._slots)
             return k_cache[:n, :, : self._kv_len], v_cache[:n, :, : self._kv_len]

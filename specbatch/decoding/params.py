@@ -69,6 +69,8 @@ class GenerationResult:
     queue_seconds: float = 0.0  # from the engine's start to this request's admission
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    target_seconds: float = 0.0  # wall time of the target forwards this request took part in
+    draft_seconds: float = 0.0  # wall time of the draft forwards of its steps
     steps: list[StepRecord] = field(default_factory=list)
 
     @property

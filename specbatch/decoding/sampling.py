@@ -30,6 +30,17 @@ class RowSampling:
         self.generators = generators or [torch.Generator().manual_seed(p.seed) for p in params]
         self.device = device
 
+    def select(self, indices: list[int]) -> RowSampling:
+        """The settings of a subset of rows (sharing their generators)."""
+        sub = RowSampling.__new__(RowSampling)
+        index = torch.tensor(indices, device=self.temperature.device, dtype=torch.long)
+        sub.temperature, sub.top_k, sub.top_p = self.temperature[index], self.top_k[index], self.top_p[index]
+        sub.is_greedy = self.is_greedy[index]
+        sub.all_greedy = bool(sub.is_greedy.all())
+        sub.generators = [self.generators[i] for i in indices]
+        sub.device = self.device
+        return sub
+
     def uniforms(self, num: int = 1) -> torch.Tensor:
         """[batch, num] uniforms in [0, 1), each row from its own generator (drawn on the host)."""
         u = torch.stack([torch.rand(num, generator=g) for g in self.generators])
@@ -53,7 +64,7 @@ def probs_from_logits(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop |= mass_before >= rows.top_p.view(shape)
+    drop = drop | (mass_before >= rows.top_p.view(shape))  # [batch, ..., vocab]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = torch.empty_like(scaled).scatter_(-1, order, sorted_logits.softmax(-1))
     return torch.where(rows.is_greedy.view(shape), greedy_probs, probs)

@@ -26,7 +26,15 @@ from ..errors import SpecbatchError
 from ..storage import OutputDir, connect
 from ..storage.schema import ERRORS
 from ..workers.config import WorkerConfig
-from ..workers.models import context_length, load_config, load_tokenizer, resolve_dtype, resolve_model
+from ..workers.models import (
+    check_same_vocabulary,
+    context_length,
+    default_draft,
+    load_config,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 from ..workers.pool import DispatchReport, WorkerPool
 from .inputs import file_sha256, read_prompts
 from .planning import Plan, plan_shards
@@ -52,10 +60,21 @@ class RunParams:
     device: str = "cpu"
     dtype: str = "auto"
     ray_address: str | None = None
+    draft: str | None = None
+    num_draft_tokens: int = 4
+    draft_policy: str = "adaptive"
+
+    def resolved_draft(self) -> str | None:
+        if self.method != "draft":
+            return None
+        return resolve_model(self.draft) if self.draft else default_draft(resolve_model(self.model))
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
             model=resolve_model(self.model),
+            draft=self.resolved_draft(),
+            num_draft_tokens=self.num_draft_tokens,
+            draft_policy=self.draft_policy,
             method=self.method,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -67,7 +86,14 @@ class RunParams:
 
     def identity(self) -> dict:
         """What shapes the outputs: a resumed run must match it exactly."""
-        return {
+        draft = {}
+        if self.method == "draft":
+            draft = {
+                "draft": self.resolved_draft(),
+                "num_draft_tokens": self.num_draft_tokens,
+                "draft_policy": self.draft_policy,
+            }
+        return draft | {
             "model": resolve_model(self.model),
             "method": self.method,
             "max_new_tokens": self.max_new_tokens,
@@ -85,8 +111,13 @@ def check_run(params: RunParams) -> dict:
     """Validate what can be checked cheaply, before any worker starts. Returns run.json's content."""
     if not Path(params.input).is_file():
         raise SpecbatchError(f"input file {params.input!r} does not exist")
-    params.worker_config()  # validates method and batch size
-    load_config(resolve_model(params.model))
+    try:
+        config = params.worker_config()
+    except ValueError as e:
+        raise SpecbatchError(str(e)) from e
+    load_config(config.model)
+    if config.draft is not None:
+        check_same_vocabulary(config.model, config.draft)
     identity = params.identity()
     existing = OutputDir(params.out).read_run()
     if existing is None:
@@ -169,7 +200,7 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
         {
             "run_id": run["run_id"],
             "model": run["identity"]["model"],
-            "draft_model": None,
+            "draft_model": run["identity"].get("draft"),
             "method": params.method,
             "config": json.dumps(asdict(params) | {"identity": run["identity"]}, sort_keys=True),
             "input_path": str(Path(params.input).resolve()),
@@ -222,25 +253,12 @@ def generate(
     device: str = "cpu",
     dtype: str = "auto",
     ray_address: str | None = None,
+    draft: str | None = None,
+    num_draft_tokens: int = 4,
+    draft_policy: str = "adaptive",
 ) -> dict:
     """Generate completions for every row of `input` into the folder `out`."""
-    params = RunParams(
-        input,
-        out,
-        model,
-        method,
-        max_new_tokens,
-        temperature,
-        top_p,
-        top_k,
-        seed,
-        workers,
-        shard_size,
-        batch_size,
-        device,
-        dtype,
-        ray_address,
-    )
+    params = RunParams(**locals())  # the flow parameters are exactly RunParams' fields
     run = check_run(params)
     run["invocations"] += 1
     output = OutputDir(out)

@@ -36,6 +36,8 @@ REQUESTS = pa.schema(
         ("queue_seconds", pa.float64()),
         ("prefill_seconds", pa.float64()),
         ("decode_seconds", pa.float64()),
+        ("target_seconds", pa.float64()),  # wall time of the target forwards it took part in
+        ("draft_seconds", pa.float64()),  # wall time of the draft forwards of its steps
         ("worker", pa.string()),
         ("attempt", pa.int32()),
     ]

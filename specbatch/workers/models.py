@@ -76,3 +76,20 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def default_draft(target: str) -> str | None:
+    """The demo draft for the demo target; no default for other models."""
+    return str(DEMO_MODELS["demo-draft"]) if Path(target) == DEMO_MODELS["demo"] else None
+
+
+def check_same_vocabulary(target: str, draft: str) -> None:
+    """Speculative decoding compares token ids: the draft must use the target's tokenizer."""
+    t_config, d_config = load_config(target), load_config(draft)
+    t_vocab, d_vocab = load_tokenizer(target).get_vocab(), load_tokenizer(draft).get_vocab()
+    if t_vocab != d_vocab or t_config.vocab_size != d_config.vocab_size:
+        raise SpecbatchError(
+            f"draft model {draft!r} does not share the target's vocabulary (draft: {len(d_vocab)} tokens, "
+            f"{d_config.vocab_size} logits; target {target!r}: {len(t_vocab)} tokens, {t_config.vocab_size} logits); "
+            "speculative decoding needs a draft trained with the target's tokenizer"
+        )

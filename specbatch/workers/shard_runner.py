@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
+from ..decoding.draft_policy import make_policy
+from ..decoding.proposer import DraftModelProposer
 from ..storage import OutputDir
 from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS
 from .config import WorkerConfig
-from .models import eos_token_ids, load_model, load_tokenizer, resolve_dtype
+from .models import check_same_vocabulary, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from .shard import Shard, ShardRequest
 
 
@@ -34,8 +36,22 @@ class ShardRunner:
         self.config = config
         self.worker = worker
         self.tokenizer = load_tokenizer(config.model)
-        self.model = load_model(config.model, config.device, resolve_dtype(config.dtype, config.device))
-        self.engine = Engine(self.model, eos_token_ids(self.model, self.tokenizer), max_batch_size=config.batch_size)
+        dtype = resolve_dtype(config.dtype, config.device)
+        self.model = load_model(config.model, config.device, dtype)
+        proposer = policy = None
+        if config.method == "draft":
+            check_same_vocabulary(config.model, config.draft)
+            draft = load_model(config.draft, config.device, dtype)
+            policy = make_policy(config.draft_policy, config.num_draft_tokens)
+            confidence = config.draft_confidence if config.draft_policy == "adaptive" else 0.0
+            proposer = DraftModelProposer(draft, confidence_threshold=confidence)
+        self.engine = Engine(
+            self.model,
+            eos_token_ids(self.model, self.tokenizer),
+            max_batch_size=config.batch_size,
+            proposer=proposer,
+            policy=policy,
+        )
         self.requests_done = 0
         self.tokens_done = 0
 
@@ -107,6 +123,8 @@ class ShardRunner:
                     "queue_seconds": res.queue_seconds,
                     "prefill_seconds": res.prefill_seconds,
                     "decode_seconds": res.decode_seconds,
+                    "target_seconds": res.target_seconds,
+                    "draft_seconds": res.draft_seconds,
                     "worker": self.worker,
                     "attempt": attempt,
                 }

@@ -1,0 +1,170 @@
+"""How many tokens to draft each step. Plain Python: no tensors, no model.
+
+FixedPolicy always asks for K. GoodputPolicy chooses K each step to maximise expected tokens per
+second for the whole batch, after SmartSpec (Liu et al. 2024, "Optimizing Speculative Decoding
+for Serving Large Language Models Using Goodput"):
+
+    tokens(K)  = B * (1 - a^(K+1)) / (1 - a)          a: per-token acceptance rate (measured)
+    seconds(K) = T_target(B * (K + 1)) + K * T_draft(B)  T(n) = c0 + c1 * n, fitted to measured forwards
+    K*         = argmax_{0 <= K <= K_max} tokens(K) / seconds(K)
+
+With low acceptance or a large batch (where verifying B * (K + 1) tokens costs nearly (K + 1)
+times one plain step) K* falls, down to 0: a plain decoding step with no draft forward at all.
+When it has chosen 0 for a while it probes with a short draft, so that a recovering acceptance
+rate is noticed; while probes keep confirming 0, the wait between them doubles (a probe costs the
+draft a catch-up forward over everything it skipped). Before anything is measured it drafts the
+short probe length, not the maximum, then one plain step, so that the target's cost is seen at
+two sizes before the model is trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class FixedPolicy:
+    def __init__(self, k: int) -> None:
+        if k < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {k}")
+        self.k = k
+
+    def choose(self, batch_size: int) -> int:
+        return self.k
+
+    def observe(self, **measurement) -> None:
+        pass
+
+
+@dataclass
+class LinearCost:
+    """Seconds per forward as a function of tokens in it: the running average at each size seen
+    (real costs are steps, not lines: a 1-token forward takes another kernel path than a
+    3-token one), and for sizes not seen, online least squares of c0 + c1 * tokens with
+    exponential forgetting."""
+
+    decay: float = 0.98
+    n: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+    smallest: float = float("inf")
+    largest: float = 0.0
+    by_size: dict = field(default_factory=dict)  # tokens -> running average seconds
+    max_sizes: int = 256
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.smallest, self.largest = min(self.smallest, tokens), max(self.largest, tokens)
+        seen = self.by_size.pop(tokens, None)  # re-inserted last: the dict stays in recency order
+        self.by_size[tokens] = seconds if seen is None else 0.8 * seen + 0.2 * seconds
+        if len(self.by_size) > self.max_sizes:
+            del self.by_size[next(iter(self.by_size))]
+        d = self.decay
+        self.n = d * self.n + 1
+        self.sx = d * self.sx + tokens
+        self.sy = d * self.sy + seconds
+        self.sxx = d * self.sxx + tokens * tokens
+        self.sxy = d * self.sxy + tokens * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.n > 0
+
+    @property
+    def has_slope(self) -> bool:
+        """Seen at two sizes at least: the fixed cost and the per-token cost can be told apart."""
+        return self.largest > self.smallest
+
+    def predict(self, tokens: float) -> float:
+        if tokens in self.by_size:
+            return self.by_size[tokens]
+        if self.n == 0:
+            return 0.0
+        mean_x, mean_y = self.sx / self.n, self.sy / self.n
+        var = self.sxx / self.n - mean_x * mean_x
+        if var <= 1e-9 * max(mean_x * mean_x, 1.0):  # one size seen so far: assume cost grows with tokens
+            return mean_y * tokens / max(mean_x, 1e-9)
+        slope = max((self.sxy / self.n - mean_x * mean_y) / var, 0.0)
+        intercept = max(mean_y - slope * mean_x, 0.0)
+        return intercept + slope * tokens
+
+
+@dataclass
+class GoodputPolicy:
+    max_k: int = 6
+    prior_acceptance: float = 0.6
+    acceptance_decay: float = 0.95
+    probe_after: int = 16  # plain steps in a row before a probing draft of probe_k
+    probe_k: int = 2
+    target_cost: LinearCost = field(default_factory=LinearCost)
+    draft_cost: LinearCost = field(default_factory=LinearCost)
+    _accepted: float = 0.0
+    _trials: float = 0.0
+    _plain_streak: int = 0
+    _probe_interval: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Per-token acceptance: accepted / (accepted + first rejections), a geometric-run estimate."""
+        prior_weight = 4.0
+        a = (self._accepted + prior_weight * self.prior_acceptance) / (self._trials + prior_weight)
+        return min(max(a, 0.0), 0.999)
+
+    def expected_tokens(self, k: int) -> float:
+        a = self.acceptance
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def seconds(self, batch_size: int, k: int) -> float:
+        draft = k * self.draft_cost.predict(batch_size) if k else 0.0
+        return self.target_cost.predict(batch_size * (k + 1)) + draft
+
+    def choose(self, batch_size: int) -> int:
+        if not (self.target_cost.known and self.draft_cost.known):
+            return min(self.probe_k, self.max_k)  # nothing measured yet: draft a little, learn the costs
+        if not self.target_cost.has_slope:
+            return 0  # a plain step measures verification at a second size
+        best = max(
+            range(self.max_k + 1),
+            key=lambda k: batch_size * self.expected_tokens(k) / max(self.seconds(batch_size, k), 1e-12),
+        )
+        if best == 0:
+            self._plain_streak += 1
+            self._probe_interval = self._probe_interval or self.probe_after
+            if self._plain_streak >= self._probe_interval:
+                self._plain_streak = 0
+                self._probe_interval *= 2  # reset only when drafting pays again
+                return min(self.probe_k, self.max_k)
+        else:
+            self._plain_streak = 0
+            self._probe_interval = self.probe_after
+        return best
+
+    def observe(
+        self,
+        *,
+        num_draft: list[int],
+        num_accepted: list[int],
+        target_tokens: int,
+        target_seconds: float,
+        draft_forwards: int,
+        draft_rows: int,
+        draft_seconds: float,
+    ) -> None:
+        """One step's outcome: per-row drafted and accepted counts, and the forwards' costs."""
+        self.target_cost.add(target_tokens, target_seconds)
+        if draft_forwards:
+            self.draft_cost.add(draft_rows, draft_seconds / draft_forwards)
+        d = self.acceptance_decay
+        accepted = sum(num_accepted)
+        rejections = sum(1 for k, a in zip(num_draft, num_accepted) if k and a < k)
+        if any(num_draft):
+            self._accepted = d * self._accepted + accepted
+            self._trials = d * self._trials + accepted + rejections
+
+
+def make_policy(name: str, num_draft_tokens: int):
+    if name == "fixed":
+        return FixedPolicy(num_draft_tokens)
+    if name == "adaptive":
+        return GoodputPolicy(max_k=num_draft_tokens)
+    raise ValueError(f"unknown draft policy {name!r}; use fixed or adaptive")

@@ -1,0 +1,103 @@
+"""Proposers: every way of drafting implements this one small protocol, and one verifier
+(verifier.py) checks them all.
+
+A proposer sees each row as its slot and its token sequence so far (prompt + emitted tokens, the
+last of which the target has not yet consumed), and returns up to K draft tokens per row with the
+distributions they were drawn from. After verification it is told how many were accepted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from .forward import last_logits
+from .kv_cache import SlotKVCache
+from .sampling import RowSampling, probs_from_logits, sample
+from .verifier import Draft
+
+
+class Proposer(Protocol):
+    def start(self, num_slots: int, capacity: int) -> None:
+        """A new engine run: size per-slot state."""
+
+    def release(self, slot: int) -> None:
+        """The slot's request is done; a new one will take it."""
+
+    def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
+        """Up to num_draft[b] tokens for each row (0 allowed)."""
+
+    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
+        """seq_lens: each row's sequence length when proposing; num_accepted: drafts the target kept."""
+
+
+class DraftModelProposer:
+    """A smaller model of the same vocabulary drafts autoregressively, with its own slot KV cache.
+
+    The draft cache lags by design: before drafting, each row feeds whatever of its sequence the
+    draft has not seen (its whole prompt the first time, the bonus token and a fully accepted last
+    draft afterwards, or several steps' worth after steps that drafted nothing), so one ragged
+    forward does the draft's prefill, its catch-up and its first proposal. After verification the
+    draft cache is cut back to the accepted prefix, as the target's is.
+
+    confidence_threshold: a row stops drafting once the draft's probability of its own token falls
+    below it (0 = never), as in SVIP and Kangaroo's early exit: the tokens after an unsure one are
+    rarely accepted.
+    """
+
+    def __init__(self, model, confidence_threshold: float = 0.0) -> None:
+        self.model = model
+        self.confidence_threshold = confidence_threshold
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache: SlotKVCache | None = None
+        self.seconds = 0.0  # wall time in draft forwards
+        self.forwards = 0
+
+    def start(self, num_slots: int, capacity: int) -> None:
+        self.cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
+
+    def release(self, slot: int) -> None:
+        self.cache.reset(slot)
+
+    @torch.inference_mode()
+    def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
+        t0 = time.perf_counter()
+        batch, max_k = len(slots), max(num_draft)
+        vocab = self.model.config.vocab_size
+        tokens = torch.zeros(batch, max_k, dtype=torch.long, device=self.device)
+        probs = torch.zeros(batch, max_k, vocab, device=self.device)
+        drafted = [0] * batch
+        live = [b for b in range(batch) if num_draft[b] > 0]
+        cache = self.cache
+        feeds = [seqs[b][cache.lengths[slots[b]] :] for b in live]
+        logits = last_logits(self.model, cache, [slots[b] for b in live], feeds)  # [live, vocab]
+        self.forwards += 1
+        for i in range(max_k):
+            rows = sampling.select(live)
+            q = probs_from_logits(logits, rows)  # [live, vocab]
+            d = q.argmax(-1) if rows.all_greedy else sample(q, rows.uniforms(1).squeeze(-1))
+            d = torch.where(rows.is_greedy, q.argmax(-1), d)
+            index = torch.tensor(live, device=self.device)
+            tokens[index, i] = d
+            probs[index, i] = q
+            confident = q.gather(-1, d[:, None]).squeeze(-1) >= self.confidence_threshold
+            going = []
+            for j, b in enumerate(live):
+                drafted[b] += 1
+                if drafted[b] < num_draft[b] and bool(confident[j]):
+                    going.append((j, b))
+            if not going:
+                break
+            live = [b for _, b in going]
+            fed = d[torch.tensor([j for j, _ in going], device=self.device)]
+            logits = last_logits(self.model, cache, [slots[b] for b in live], [[t] for t in fed.tolist()])
+            self.forwards += 1
+        self.seconds += time.perf_counter() - t0
+        return Draft(tokens, drafted, probs)
+
+    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
+        for slot, n, a in zip(slots, seq_lens, num_accepted):
+            self.cache.lengths[slot] = min(self.cache.lengths[slot], n + a)

@@ -1,0 +1,251 @@
+"""Speculative decoding with a draft model: lossless for greedy (token-identical to plain
+decoding) and for sampling (the target's distribution, checked analytically and statistically,
+each with a negative control that must fail)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from specbatch.decoding import Engine, GenerationRequest, SamplingParams
+from specbatch.decoding import verifier as verifier_module
+from specbatch.decoding.draft_policy import FixedPolicy, GoodputPolicy
+from specbatch.decoding.proposer import DraftModelProposer
+from specbatch.decoding.sampling import RowSampling, probs_from_logits
+from specbatch.decoding.verifier import acceptance_probability, residual_distribution
+
+from .conftest import EOS, random_prompts, tiny_llama
+from .test_sampling import chi_square_p
+
+# ---------------------------------------------------------------- the acceptance rule, exactly
+
+
+def output_distribution(p: torch.Tensor, q: torch.Tensor, residual=residual_distribution) -> torch.Tensor:
+    """The distribution of the token emitted at one draft position: the draft token d ~ q is
+    kept with probability a(d) = min(1, p(d)/q(d)); otherwise a token comes from the residual."""
+    accept = acceptance_probability(p, q)  # [vocab], a(d) for every candidate d
+    kept = q * accept  # P(d drafted and kept)
+    return kept + (1 - kept.sum()) * residual(p, q)
+
+
+def pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(20):
+        p = torch.rand(12, generator=g, dtype=torch.float64) ** 3
+        q = torch.rand(12, generator=g, dtype=torch.float64) ** 3
+        out.append((f"random-{i}", p / p.sum(), q / q.sum()))
+    p = torch.tensor([0.5, 0.3, 0.2, 0, 0, 0], dtype=torch.float64)
+    out += [
+        ("p equals q", p, p.clone()),
+        ("disjoint supports", p, torch.tensor([0, 0, 0, 0.2, 0.3, 0.5], dtype=torch.float64)),
+        ("zeros in q", p, torch.tensor([0.0, 0.6, 0.2, 0.2, 0, 0], dtype=torch.float64)),
+        ("one-hot q (deterministic draft)", p, torch.tensor([0, 1.0, 0, 0, 0, 0], dtype=torch.float64)),
+        ("one-hot q outside p", p, torch.tensor([0, 0, 0, 0, 1.0, 0], dtype=torch.float64)),
+        ("one-hot p (greedy)", torch.tensor([0, 0, 1.0, 0, 0, 0], dtype=torch.float64), p),
+        ("q flatter than p", p, torch.full((6,), 1 / 6, dtype=torch.float64)),
+    ]
+    return out
+
+
+@pytest.mark.parametrize("name,p,q", pairs(), ids=[n for n, _, _ in pairs()])
+def test_acceptance_plus_residual_reproduces_p_exactly(name, p, q):
+    torch.testing.assert_close(output_distribution(p, q), p, atol=1e-12, rtol=0)
+
+
+def test_negative_control_a_wrong_residual_is_caught():
+    """Sampling the residual from p itself (a classic bug) changes the output distribution;
+    the analytic check above must see it on the pairs where it matters."""
+    caught = sum(
+        not torch.allclose(output_distribution(p, q, residual=lambda p, q: p), p, atol=1e-6) for _, p, q in pairs()
+    )
+    assert caught >= 20  # every random pair, and the adversarial ones with overlap
+
+
+# ---------------------------------------------------------------- greedy: token-identical to ar
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(seed=0)
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """A draft that agrees with the target often but not always."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * scale * param.std())
+    return draft
+
+
+def run(model, requests, batch_size, draft=None, policy=None, eos=(EOS,)):
+    proposer = DraftModelProposer(draft) if draft is not None else None
+    engine = Engine(model, list(eos), batch_size, proposer=proposer, policy=policy)
+    return engine.generate(requests)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16, 64])
+@pytest.mark.parametrize("draft_kind", ["related", "unrelated"])
+def test_greedy_speculative_equals_plain_decoding(target, batch_size, draft_kind):
+    draft = noisy_copy(target, 0.3, seed=1) if draft_kind == "related" else tiny_llama(seed=9, layers=1, hidden=32)
+    prompts = random_prompts(40, lo=2, hi=30, seed=batch_size)
+    limits = [1 + (i * 7) % 13 for i in range(40)]  # 1..13: limits land inside drafts
+    # Pick a stop token that the target emits mid-output, so EOS also lands inside drafts.
+    plain = run(target, [GenerationRequest(str(i), p, 13) for i, p in enumerate(prompts)], 8, eos=())
+    stop = max(
+        set(t for r in plain for t in r.completion_ids[1:]),
+        key=lambda t: sum(r.completion_ids[1:].count(t) for r in plain),
+    )
+    requests = [GenerationRequest(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, limits))]
+    reference = run(target, requests, batch_size, eos=(EOS, stop))
+    assert any(r.finish_reason == "stop" for r in reference) and any(r.finish_reason == "length" for r in reference)
+    for policy in (FixedPolicy(3), GoodputPolicy(max_k=5)):
+        results = run(target, requests, batch_size, draft, policy, eos=(EOS, stop))
+        for r, ref in zip(results, reference):
+            assert (r.completion_ids, r.finish_reason) == (ref.completion_ids, ref.finish_reason), (
+                f"request {r.request_id} differs from plain decoding under {type(policy).__name__}"
+            )
+        if draft_kind == "related" and isinstance(policy, FixedPolicy):
+            # The comparison above covered accepted drafts too (the goodput policy may rightly
+            # stop drafting here: this draft is as large as the target).
+            assert sum(r.accepted_tokens for r in results) > 0
+
+
+def test_step_records_add_up(target):
+    draft = noisy_copy(target, 0.3, seed=2)
+    requests = [GenerationRequest(str(i), p, 12) for i, p in enumerate(random_prompts(10, seed=4))]
+    for r in run(target, requests, 4, draft, FixedPolicy(3), eos=()):
+        assert r.target_steps == len(r.steps) + 1  # + the prefill, which emits the first token
+        assert sum(s.emitted for s in r.steps) + 1 == r.completion_tokens
+        assert sum(s.drafted for s in r.steps) == r.drafted_tokens
+        assert sum(s.accepted for s in r.steps) == r.accepted_tokens
+        for s in r.steps:
+            assert s.accepted <= s.drafted <= s.num_draft == 3
+            assert s.emitted <= s.accepted + 1
+        assert r.draft_seconds > 0 and r.target_seconds > 0
+
+
+def test_draft_equal_to_target_accepts_everything(target):
+    requests = [GenerationRequest(str(i), p, 11) for i, p in enumerate(random_prompts(6, seed=8))]
+    results = run(target, requests, 3, copy.deepcopy(target), FixedPolicy(4), eos=())
+    assert all(r.accepted_tokens == r.drafted_tokens > 0 for r in results)
+    assert all(r.target_steps == 3 for r in results)  # prefill 1 token, then 5 + 5
+
+
+# ---------------------------------------------------------------- sampling: the target's distribution
+
+
+@pytest.fixture(scope="module")
+def sharp_pair():
+    target = tiny_llama(seed=21)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(40.0)
+    return target, noisy_copy(target, 0.5, seed=3)
+
+
+def exact_marginals(target, prompt: list[int], settings: dict, depth: int) -> list[np.ndarray]:
+    """The exact distributions of the tokens at positions 1..depth under the target alone,
+    by enumerating every prefix (top-k keeps the tree small)."""
+    rows = RowSampling([SamplingParams(**settings)])
+    frontier = [([], 1.0)]
+    marginals = []
+    for _ in range(depth):
+        vocab = target.config.vocab_size
+        marginal = np.zeros(vocab)
+        nxt = []
+        for prefix, weight in frontier:
+            with torch.no_grad():
+                logits = target(torch.tensor([prompt + prefix])).logits[:, -1]
+            p = probs_from_logits(logits, rows)[0].double().numpy()
+            marginal += weight * p
+            nxt += [(prefix + [t], weight * p[t]) for t in np.flatnonzero(p > 0)]
+        marginals.append(marginal)
+        frontier = nxt
+    return marginals
+
+
+def speculative_samples(target, draft, prompt, settings, n: int) -> list[list[int]]:
+    requests = [GenerationRequest(str(i), prompt, 4, SamplingParams(seed=i, **settings)) for i in range(n)]
+    return [r.completion_ids for r in run(target, requests, 256, draft, FixedPolicy(2), eos=())]
+
+
+def test_speculative_samples_follow_the_target_distribution(sharp_pair, monkeypatch):
+    """4000 seeded requests of 4 tokens with K = 2: tokens 2 and 3 come out of one verify step
+    (draft accepted, or residual), and their marginals must match the target's. Negative
+    control: the same engine with the residual taken from p instead of norm(max(0, p - q))
+    must be rejected."""
+    target, draft = sharp_pair
+    prompt, settings = [5, 17, 42, 8], dict(temperature=1.0, top_k=5)
+    marginals = exact_marginals(target, prompt, settings, depth=3)
+    samples = speculative_samples(target, draft, prompt, settings, 4000)
+    for position in (1, 2):
+        assert chi_square_p([s[position] for s in samples], marginals[position]) > 1e-3
+
+    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
+    wrong = speculative_samples(target, draft, prompt, settings, 4000)
+    worst = min(chi_square_p([s[position] for s in wrong], marginals[position]) for position in (1, 2))
+    assert worst < 1e-3, "negative control: a wrong residual must be detected"
+
+
+# ---------------------------------------------------------------- the adaptive policy
+
+
+def feed(policy: GoodputPolicy, batch: int, acceptance: float, target_cost, draft_cost, steps: int = 60) -> None:
+    """Synthetic steps: each row accepts a geometric run of drafts with the given rate."""
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        k = policy.choose(batch)
+        ks = [k] * batch
+        accepted = [int(min(k, rng.geometric(1 - acceptance) - 1)) if k else 0 for _ in range(batch)]
+        policy.observe(
+            num_draft=ks,
+            num_accepted=accepted,
+            target_tokens=batch * (k + 1),
+            target_seconds=target_cost(batch * (k + 1)),
+            draft_forwards=k,
+            draft_rows=batch if k else 0,
+            draft_seconds=k * draft_cost(batch),
+        )
+
+
+def overhead_bound(tokens):  # small batches on a GPU: a forward costs about the same for 1 or 64 tokens
+    return 0.010 + 0.00001 * tokens
+
+
+def compute_bound(tokens):  # a large batch: cost grows with every token verified
+    return 0.0005 * tokens
+
+
+def test_policy_drafts_long_when_acceptance_is_high_and_verification_cheap():
+    policy = GoodputPolicy(max_k=6)
+    feed(policy, 4, 0.9, overhead_bound, lambda rows: 0.001)
+    assert policy.choose(4) >= 5
+
+
+def test_policy_falls_to_plain_steps_when_acceptance_is_low():
+    policy = GoodputPolicy(max_k=6)
+    feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
+    assert policy.acceptance < 0.2
+    assert policy.choose(4) == 0
+
+
+def test_policy_shrinks_k_when_the_batch_is_large():
+    policy = GoodputPolicy(max_k=6)
+    feed(policy, 64, 0.6, compute_bound, lambda rows: 0.0001 * rows)
+    large = policy.choose(64)
+    small = GoodputPolicy(max_k=6)
+    feed(small, 2, 0.6, overhead_bound, lambda rows: 0.001)
+    assert large < small.choose(2)
+    assert large == 0  # verifying 64 x (K + 1) tokens costs K + 1 plain steps
+
+
+def test_policy_probes_again_after_plain_steps():
+    policy = GoodputPolicy(max_k=6, probe_after=4)
+    feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
+    choices = [policy.choose(4) for _ in range(8)]
+    assert 0 in choices and max(choices) > 0
