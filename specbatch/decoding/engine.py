@@ -192,12 +192,14 @@ class Engine:
         k = self.policy.choose(len(rows)) if self.policy is not None else 0
         # Never draft past a row's token limit or the model's context: the bonus token counts too.
         ks = [max(0, min(k, r.remaining - 1, self.max_positions - n - 1)) for r, n in zip(rows, seq_lens)]
-        draft, draft_seconds, draft_forwards = None, 0.0, 0
+        draft, draft_seconds, steady = None, 0.0, []
         if any(ks):
-            before = (self.proposer.seconds, self.proposer.forwards)
+            before = self.proposer.seconds
             draft = self.proposer.propose(slots, [r.seq for r in rows], ks, sampling)
-            draft_seconds = self.proposer.seconds - before[0]
-            draft_forwards = self.proposer.forwards - before[1]
+            draft_seconds = self.proposer.seconds - before
+            # The policy models steady drafting: a catch-up forward over many skipped tokens is
+            # the price of having sat out, not the cost of drafting.
+            steady = [(n, sec) for n, tokens, sec in getattr(self.proposer, "last_forwards", []) if tokens <= 2 * n]
         num_draft = draft.num_draft if draft is not None else [0] * len(rows)
         width = max(num_draft) + 1
         drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
@@ -227,9 +229,9 @@ class Engine:
                 num_accepted=verdict.num_accepted,
                 target_tokens=len(rows) * width,
                 target_seconds=target_seconds,
-                draft_forwards=draft_forwards,
-                draft_rows=sum(1 for n in num_draft if n),
-                draft_seconds=draft_seconds,
+                draft_forwards=len(steady),
+                draft_rows=max((n for n, _ in steady), default=0),
+                draft_seconds=sum(sec for _, sec in steady),
             )
         return [r for r in rows if r.done]
 

@@ -29,6 +29,10 @@ class Proposer(Protocol):
     def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
         """Up to num_draft[b] tokens for each row (0 allowed)."""
 
+    def _timed(self, rows: int, tokens: int, since: float) -> None:
+        self.forwards += 1
+        self.last_forwards.append((rows, tokens, time.perf_counter() - since))
+
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
         """seq_lens: each row's sequence length when proposing; num_accepted: drafts the target kept."""
 
@@ -55,6 +59,7 @@ class DraftModelProposer:
         self.cache: SlotKVCache | None = None
         self.seconds = 0.0  # wall time in draft forwards
         self.forwards = 0
+        self.last_forwards: list[tuple[int, int, float]] = []  # (rows, tokens, seconds) of the last propose
 
     def start(self, num_slots: int, capacity: int) -> None:
         self.cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
@@ -73,8 +78,10 @@ class DraftModelProposer:
         live = [b for b in range(batch) if num_draft[b] > 0]
         cache = self.cache
         feeds = [seqs[b][cache.lengths[slots[b]] :] for b in live]
+        self.last_forwards = []
+        t_forward = time.perf_counter()
         logits = last_logits(self.model, cache, [slots[b] for b in live], feeds)  # [live, vocab]
-        self.forwards += 1
+        self._timed(len(live), sum(len(f) for f in feeds), t_forward)
         for i in range(max_k):
             rows = sampling.select(live)
             q = probs_from_logits(logits, rows)  # [live, vocab]
@@ -93,10 +100,15 @@ class DraftModelProposer:
                 break
             live = [b for _, b in going]
             fed = d[torch.tensor([j for j, _ in going], device=self.device)]
+            t_forward = time.perf_counter()
             logits = last_logits(self.model, cache, [slots[b] for b in live], [[t] for t in fed.tolist()])
-            self.forwards += 1
+            self._timed(len(live), len(live), t_forward)
         self.seconds += time.perf_counter() - t0
         return Draft(tokens, drafted, probs)
+
+    def _timed(self, rows: int, tokens: int, since: float) -> None:
+        self.forwards += 1
+        self.last_forwards.append((rows, tokens, time.perf_counter() - since))
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
         for slot, n, a in zip(slots, seq_lens, num_accepted):

@@ -1,0 +1,96 @@
+"""Speculative decoding against plain decoding on the demo pair and the bundled prompts.
+
+    python benchmarks/speculative.py [--max-new-tokens 64] [--repeat 1] [--device cpu]
+
+Engine only (no Ray or Prefect): for each batch size, plain decoding (ar), then draft-model
+speculation with fixed K and with the adaptive policy, greedy. Prints a markdown table: tokens
+per target step, acceptance, wall seconds, speedup over ar, and whether every output is
+token-identical to ar. --repeat N runs the prompts N times over (a longer job, where the adaptive
+policy's exploration is amortized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specbatch.decoding import Engine, GenerationRequest
+from specbatch.decoding.draft_policy import make_policy
+from specbatch.decoding.proposer import DraftModelProposer
+from specbatch.workers.models import DEMO_MODELS
+
+PROMPTS = Path(__file__).resolve().parents[1] / "specbatch" / "data" / "demo_prompts.jsonl"
+
+
+def load_prompts(tok) -> list[list[int]]:
+    out = []
+    for line in PROMPTS.read_text().splitlines():
+        row = json.loads(line)
+        if "messages" in row:
+            text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+            out.append(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            out.append(tok(row["prompt"])["input_ids"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    target = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo"], dtype=dtype).to(args.device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo-draft"], dtype=dtype).to(args.device).eval()
+    tok = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
+    prompts = load_prompts(tok) * args.repeat
+    eos = [tok.eos_token_id]
+
+    def requests():
+        return [GenerationRequest(str(i), p, args.max_new_tokens) for i, p in enumerate(prompts)]
+
+    print(
+        f"{len(prompts)} requests x {args.max_new_tokens} new tokens, greedy, {args.device}, {torch.get_num_threads()} threads\n"
+    )
+    print("| batch | method | tokens/target step | acceptance | seconds | speedup vs ar | identical to ar |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        t0 = time.perf_counter()
+        reference = Engine(target, eos, batch).generate(requests())
+        ar_seconds = time.perf_counter() - t0
+        print(f"| {batch} | ar | 1.00 | - | {ar_seconds:.2f} | 1.00 | - |", flush=True)
+        for name, policy, k in (
+            ("draft K=2", "fixed", 2),
+            ("draft K=4", "fixed", 4),
+            ("draft adaptive", "adaptive", 6),
+        ):
+            engine = Engine(
+                target,
+                eos,
+                batch,
+                proposer=DraftModelProposer(draft, 0.3 if policy == "adaptive" else 0.0),
+                policy=make_policy(policy, k),
+            )
+            t0 = time.perf_counter()
+            results = engine.generate(requests())
+            seconds = time.perf_counter() - t0
+            tokens = sum(r.completion_tokens for r in results)
+            steps = sum(r.target_steps for r in results)
+            acceptance = sum(r.accepted_tokens for r in results) / max(1, sum(r.drafted_tokens for r in results))
+            same = all(r.completion_ids == ref.completion_ids for r, ref in zip(results, reference))
+            print(
+                f"| {batch} | {name} | {tokens / steps:.2f} | {acceptance:.2f} | {seconds:.2f} | "
+                f"{ar_seconds / seconds:.2f} | {'yes' if same else 'NO'} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
