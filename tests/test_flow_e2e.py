@@ -228,3 +228,27 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not share the target's vocabulary" in err and "300 logits" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_shard_failing_every_attempt_becomes_errors_and_is_retried_later(ray_cluster, tmp_path):
+    from specbatch.storage import OutputDir
+    from specbatch.workers.config import WorkerConfig
+    from specbatch.workers.pool import WorkerPool
+    from specbatch.workers.shard import Shard, ShardRequest
+
+    good = Shard("shard-00000", [ShardRequest("ok", 1, "def f():\n", [1, 2, 3], 4, seed=0)])
+    # A prompt longer than the model's context: the engine refuses it on every attempt.
+    bad = Shard("shard-00001", [ShardRequest("too-long", 2, "x", [5] * 600, 4, seed=0)])
+    out = OutputDir(tmp_path)
+    pool = WorkerPool(WorkerConfig(model=str(DEMO_MODELS["demo"])), num_workers=1)
+    try:
+        report = pool.run([good, bad], out, max_attempts=2)
+    finally:
+        pool.shutdown()
+    assert report.failed_shards == ["shard-00001"] and report.retries == 1
+    con = connect(tmp_path)
+    assert con.execute("select request_id from generations").fetchall() == [("ok",)]
+    (request_id, stage, reason) = con.execute("select request_id, stage, reason from errors").fetchone()
+    assert (request_id, stage) == ("too-long", "generate")
+    assert "failed 2 times" in reason and "does not fit the model's context" in reason
+    assert out.is_complete("shard-00000") and not out.is_complete("shard-00001")  # a rerun retries it

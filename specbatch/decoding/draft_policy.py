@@ -5,13 +5,16 @@ second for the whole batch, after SmartSpec (Liu et al. 2024, "Optimizing Specul
 for Serving Large Language Models Using Goodput"):
 
     tokens(K)  = B * (1 - a^(K+1)) / (1 - a)          a: per-token acceptance rate (measured)
-    seconds(K) = T_target(B * (K + 1)) + K * T_draft(B)  T(n) = c0 + c1 * n, fitted to measured forwards
+    seconds(K) = the measured wall time of whole steps with this batch size and K (drafting,
+                 verification and bookkeeping together), and for (B, K) not yet seen:
+                 T_target(B * (K + 1)) + K * T_draft(B), from the measured forwards
     K*         = argmax_{0 <= K <= K_max} tokens(K) / seconds(K)
 
 With low acceptance or a large batch (where verifying B * (K + 1) tokens costs nearly (K + 1)
 times one plain step) K* falls, down to 0: a plain decoding step with no draft forward at all.
 When it has chosen 0 for a while it probes with a short draft, so that a recovering acceptance
-rate is noticed; while probes keep confirming 0, the wait between them doubles (a probe costs the
+rate is noticed; it leaves plain steps only for a predicted gain of over 5% (hysteresis: the
+draft must first catch up on the steps it sat out); while probes keep confirming 0, the wait between them doubles (a probe costs the
 draft a catch-up forward over everything it skipped). Before anything is measured it drafts the
 short probe length, not the maximum, then one plain step, so that the target's cost is seen at
 two sizes before the model is trusted.
@@ -96,8 +99,10 @@ class GoodputPolicy:
     acceptance_decay: float = 0.95
     probe_after: int = 16  # plain steps in a row before a probing draft of probe_k
     probe_k: int = 2
+    switch_margin: float = 0.05  # leave plain steps only for a predicted gain above this
     target_cost: LinearCost = field(default_factory=LinearCost)
     draft_cost: LinearCost = field(default_factory=LinearCost)
+    step_cost: dict = field(default_factory=dict)  # (batch, K) -> running average step seconds
     _accepted: float = 0.0
     _trials: float = 0.0
     _plain_streak: int = 0
@@ -115,6 +120,8 @@ class GoodputPolicy:
         return (1 - a ** (k + 1)) / (1 - a)
 
     def seconds(self, batch_size: int, k: int) -> float:
+        if (batch_size, k) in self.step_cost:
+            return self.step_cost[batch_size, k]
         draft = k * self.draft_cost.predict(batch_size) if k else 0.0
         return self.target_cost.predict(batch_size * (k + 1)) + draft
 
@@ -123,10 +130,13 @@ class GoodputPolicy:
             return min(self.probe_k, self.max_k)  # nothing measured yet: draft a little, learn the costs
         if not self.target_cost.has_slope:
             return 0  # a plain step measures verification at a second size
-        best = max(
-            range(self.max_k + 1),
-            key=lambda k: batch_size * self.expected_tokens(k) / max(self.seconds(batch_size, k), 1e-12),
-        )
+        goodput = [
+            batch_size * self.expected_tokens(k) / max(self.seconds(batch_size, k), 1e-12)
+            for k in range(self.max_k + 1)
+        ]
+        best = max(range(self.max_k + 1), key=goodput.__getitem__)
+        if self._plain_streak and goodput[best] < (1 + self.switch_margin) * goodput[0]:
+            best = 0  # the draft would first have to catch up: not worth it for a marginal gain
         if best == 0:
             self._plain_streak += 1
             self._probe_interval = self._probe_interval or self.probe_after
@@ -149,9 +159,20 @@ class GoodputPolicy:
         draft_forwards: int,
         draft_rows: int,
         draft_seconds: float,
+        k: int | None = None,
+        step_seconds: float | None = None,
+        caught_up: bool = False,
     ) -> None:
-        """One step's outcome: per-row drafted and accepted counts, and the forwards' costs."""
+        """One step's outcome: per-row drafted and accepted counts, the forwards' costs, and the
+        whole step's wall time for the K chosen (not counted when the draft had to catch up on
+        skipped steps: that is the price of having sat out, not of drafting)."""
         self.target_cost.add(target_tokens, target_seconds)
+        if k is not None and step_seconds is not None and not caught_up:
+            key = (len(num_draft), k)
+            seen = self.step_cost.pop(key, None)
+            self.step_cost[key] = step_seconds if seen is None else 0.8 * seen + 0.2 * step_seconds
+            if len(self.step_cost) > 512:
+                del self.step_cost[next(iter(self.step_cost))]
         if draft_forwards:
             self.draft_cost.add(draft_rows, draft_seconds / draft_forwards)
         d = self.acceptance_decay

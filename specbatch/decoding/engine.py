@@ -186,6 +186,7 @@ class Engine:
             self._emit(r, [token])
 
     def _decode_step(self, cache: SlotKVCache, rows: list[_Row]) -> list[_Row]:
+        step_start = time.perf_counter()
         sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
         slots = [r.slot for r in rows]
         seq_lens = [len(r.request.prompt_ids) + len(r.tokens) for r in rows]
@@ -199,7 +200,8 @@ class Engine:
             draft_seconds = self.proposer.seconds - before
             # The policy models steady drafting: a catch-up forward over many skipped tokens is
             # the price of having sat out, not the cost of drafting.
-            steady = [(n, sec) for n, tokens, sec in getattr(self.proposer, "last_forwards", []) if tokens <= 2 * n]
+            forwards = getattr(self.proposer, "last_forwards", [])
+            steady = [(n, sec) for n, tokens, sec in forwards if tokens <= 2 * n]
         num_draft = draft.num_draft if draft is not None else [0] * len(rows)
         width = max(num_draft) + 1
         drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
@@ -232,6 +234,9 @@ class Engine:
                 draft_forwards=len(steady),
                 draft_rows=max((n for n, _ in steady), default=0),
                 draft_seconds=sum(sec for _, sec in steady),
+                k=k,
+                step_seconds=time.perf_counter() - step_start,
+                caught_up=draft is not None and len(steady) < len(forwards),
             )
         return [r for r in rows if r.done]
 
