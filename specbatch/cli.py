@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", stream=sys.stderr
-    )
+    _log_to_stderr(logging.getLogger("specbatch"))
     try:
         if args.command == "run":
             summary = cmd_run(args, args.input)
