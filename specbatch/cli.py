@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help='e.g. "select method, avg(completion_tokens) from requests group by 1"')
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
+    bench = sub.add_parser("bench", help="peers side by side on the demo models: tokens/s, identical outputs, MFU")
+    bench.add_argument("--out", required=True, help="folder for bench.parquet and bench.png")
+    bench.add_argument("--quick", action="store_true", help="small workloads, batch 8 only (a few minutes on 2 cores)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
+    bench.add_argument("--batch-sizes", default=None, help="comma-separated (default: 8 with --quick, else 1,8,32)")
+
     demo = sub.add_parser("demo", help="the bundled prompts and demo models, end to end")
     demo.add_argument(
         "--out", default="specbatch-demo", help="output folder (default: ./specbatch-demo): ar/ and draft/ inside"
@@ -197,6 +203,32 @@ def cmd_demo(args) -> None:
     print(f'\nTry: specbatch query {root}/draft "select * from steps limit 10"')
 
 
+def cmd_bench(args) -> None:
+    from .bench.runner import run_bench
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    table = run_bench(Path(args.out), args.quick, args.device, sizes).to_pylist()
+    base = {(r["workload"], r["batch_size"]): r["tokens_per_s"] for r in table if r["system"] == "hf-generate-batch"}
+    columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "identical", "MFU", "seconds"]
+    rows = [
+        (
+            r["workload"],
+            r["system"],
+            r["batch_size"],
+            round(r["tokens_per_s"], 1),
+            round(r["tokens_per_s"] / base[r["workload"], r["batch_size"]], 2)
+            if (r["workload"], r["batch_size"]) in base
+            else None,
+            r["identical_to_reference"],
+            f"{r['mfu']:.2%}",
+            round(r["seconds"], 2),
+        )
+        for r in table
+    ]
+    write_rows(columns, rows, "table")
+    print(f"wrote {args.out}/bench.parquet and {args.out}/bench.png")
+
+
 def _log_to_stderr(logger: logging.Logger) -> None:
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -218,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_query(args)
         elif args.command == "demo":
             cmd_demo(args)
+        elif args.command == "bench":
+            cmd_bench(args)
     except (SpecbatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

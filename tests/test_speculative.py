@@ -83,8 +83,8 @@ def noisy_copy(model, scale: float, seed: int):
     return draft
 
 
-def run(model, requests, batch_size, draft=None, policy=None, eos=(EOS,)):
-    proposer = DraftModelProposer(draft) if draft is not None else None
+def run(model, requests, batch_size, draft=None, policy=None, eos=(EOS,), confidence=0.0):
+    proposer = DraftModelProposer(draft, confidence_threshold=confidence) if draft is not None else None
     engine = Engine(model, list(eos), batch_size, proposer=proposer, policy=policy)
     return engine.generate(requests)
 
@@ -104,8 +104,8 @@ def test_greedy_speculative_equals_plain_decoding(target, batch_size, draft_kind
     requests = [GenerationRequest(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, limits))]
     reference = run(target, requests, batch_size, eos=(EOS, stop))
     assert any(r.finish_reason == "stop" for r in reference) and any(r.finish_reason == "length" for r in reference)
-    for policy in (FixedPolicy(3), GoodputPolicy(max_k=5)):
-        results = run(target, requests, batch_size, draft, policy, eos=(EOS, stop))
+    for policy, confidence in ((FixedPolicy(3), 0.0), (FixedPolicy(4), 0.5), (GoodputPolicy(max_k=5), 0.3)):
+        results = run(target, requests, batch_size, draft, policy, eos=(EOS, stop), confidence=confidence)
         for r, ref in zip(results, reference):
             assert (r.completion_ids, r.finish_reason) == (ref.completion_ids, ref.finish_reason), (
                 f"request {r.request_id} differs from plain decoding under {type(policy).__name__}"
@@ -169,9 +169,9 @@ def exact_marginals(target, prompt: list[int], settings: dict, depth: int) -> li
     return marginals
 
 
-def speculative_samples(target, draft, prompt, settings, n: int) -> list[list[int]]:
+def speculative_samples(target, draft, prompt, settings, n: int, confidence: float = 0.0) -> list[list[int]]:
     requests = [GenerationRequest(str(i), prompt, 4, SamplingParams(seed=i, **settings)) for i in range(n)]
-    return [r.completion_ids for r in run(target, requests, 256, draft, FixedPolicy(2), eos=())]
+    return [r.completion_ids for r in run(target, requests, 256, draft, FixedPolicy(2), eos=(), confidence=confidence)]
 
 
 def test_speculative_samples_follow_the_target_distribution(sharp_pair, monkeypatch):
@@ -185,6 +185,10 @@ def test_speculative_samples_follow_the_target_distribution(sharp_pair, monkeypa
     samples = speculative_samples(target, draft, prompt, settings, 4000)
     for position in (1, 2):
         assert chi_square_p([s[position] for s in samples], marginals[position]) > 1e-3
+    # With the confidence stop, rows draft different numbers of tokens in one step.
+    cut = speculative_samples(target, draft, prompt, settings, 4000, confidence=0.6)
+    for position in (1, 2):
+        assert chi_square_p([s[position] for s in cut], marginals[position]) > 1e-3
 
     monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)
     wrong = speculative_samples(target, draft, prompt, settings, 4000)
@@ -249,3 +253,22 @@ def test_policy_probes_again_after_plain_steps():
     feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
     choices = [policy.choose(4) for _ in range(8)]
     assert 0 in choices and max(choices) > 0
+
+
+def test_a_confidence_stop_that_ends_every_row_early_still_verifies(target, sharp_pair):
+    """Threshold above 1: every row stops after its first draft token, fewer than the K asked.
+    The draft handed to the verifier must be as wide as what was drafted, greedy and sampled."""
+    draft = noisy_copy(target, 0.3, seed=2)
+    proposer = DraftModelProposer(draft, confidence_threshold=1.01)
+    proposer.start(num_slots=2, capacity=64)
+    sampling = RowSampling([SamplingParams(), SamplingParams(temperature=1.0, seed=1)])
+    proposed = proposer.propose([0, 1], [[1, 2, 3], [4, 5]], [4, 3], sampling)
+    assert proposed.num_draft == [1, 1] and proposed.tokens.shape[1] == 1 and proposed.probs.shape[1] == 1
+
+    requests = [GenerationRequest(str(i), p, 9) for i, p in enumerate(random_prompts(6, seed=12))]
+    plain = run(target, requests, 3, eos=())
+    stopped = run(target, requests, 3, draft, FixedPolicy(4), eos=(), confidence=1.01)
+    assert [r.completion_ids for r in stopped] == [r.completion_ids for r in plain]
+    sharp_target, sharp_draft = sharp_pair
+    sampled = [GenerationRequest(str(i), [5, 17, 42, 8], 6, SamplingParams(temperature=1.0, seed=i)) for i in range(8)]
+    assert all(len(r.completion_ids) == 6 for r in run(sharp_target, sampled, 8, sharp_draft, FixedPolicy(4), (), 1.01))

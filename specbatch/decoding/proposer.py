@@ -104,7 +104,8 @@ class DraftModelProposer:
             logits = last_logits(self.model, cache, [slots[b] for b in live], [[t] for t in fed.tolist()])
             self._timed(len(live), len(live), t_forward)
         self.seconds += time.perf_counter() - t0
-        return Draft(tokens, drafted, probs)
+        width = max(drafted)  # a confidence stop can end every row before max_k
+        return Draft(tokens[:, :width], drafted, probs[:, :width])
 
     def _timed(self, rows: int, tokens: int, since: float) -> None:
         self.forwards += 1

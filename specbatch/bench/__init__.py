@@ -1,0 +1,1 @@
+"""`specbatch bench`: peers side by side on the same model, prompts and settings."""

@@ -1,0 +1,215 @@
+"""Run every system on every workload, write one Parquet row per system x workload x batch
+size, print the table and plot tokens/s.
+
+MFU here is useful model FLOPs (2 x non-embedding parameters x (prompt + output tokens)) per
+second over the device's measured fp32 (CPU) or bf16 (GPU) matmul peak: the same work counts for
+every system, whatever it recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from ..storage.atomic import write_parquet
+from ..workers.models import DEMO_MODELS
+from .systems import SYSTEMS, Measurement, Models
+from .workloads import Workload, make_workloads
+
+SCHEMA = pa.schema(
+    [
+        ("system", pa.string()),
+        ("workload", pa.string()),
+        ("method", pa.string()),
+        ("batch_size", pa.int32()),
+        ("num_requests", pa.int32()),
+        ("prompt_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("seconds", pa.float64()),
+        ("tokens_per_s", pa.float64()),
+        ("target_steps", pa.int64()),
+        ("identical_to_reference", pa.bool_()),  # greedy rows vs hf-generate; null when sampled
+        ("peak_memory_bytes", pa.int64()),  # peak RSS growth (CPU) or peak allocated (GPU) during the run
+        ("mfu", pa.float64()),
+        ("device", pa.string()),
+    ]
+)
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    n = 1024 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - t0)
+
+
+class PeakMemory:
+    """Peak resident memory growth during a block (sampled every 10 ms), or CUDA's own counter."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self.process = psutil.Process()
+        self.base = self.process.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.01):
+            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop.set()
+            self.thread.join()
+
+
+def pipeline_row(workload: Workload, tokenizer, batch_size: int) -> tuple[Measurement, str] | None:
+    """The workload as a JSONL file through the whole pipeline: Prefect flow, Ray worker, Parquet."""
+    try:
+        from ..flows.generate import generate
+        from ..storage import connect
+    except ImportError as e:  # a GPU box with the engine only
+        print(f"pipeline row skipped: {e}")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "prompts.jsonl"
+        texts = tokenizer.batch_decode(workload.prompts)
+        path.write_text("".join(json.dumps({"id": f"{i:05d}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+        t0 = time.perf_counter()
+        generate(
+            input=str(path),
+            out=str(Path(tmp) / "out"),
+            max_new_tokens=workload.max_new_tokens,
+            batch_size=batch_size,
+            shard_size=len(texts),
+            workers=1,
+        )
+        seconds = time.perf_counter() - t0
+        rows = (
+            connect(Path(tmp) / "out")
+            .execute("select prompt_token_ids, completion_token_ids from generations order by request_id")
+            .fetchall()
+        )
+    same_prompts = all(list(p) == q for (p, _), q in zip(rows, workload.prompts))
+    return Measurement([list(c) for _, c in rows], seconds, None), "ar" if same_prompts else "ar (retokenized)"
+
+
+def run_bench(out_dir: Path, quick: bool, device: str = "cpu", batch_sizes: list[int] | None = None) -> pa.Table:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    batch_sizes = batch_sizes or ([8] if quick else [1, 8, 32])
+    target = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo"], dtype=dtype).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo-draft"], dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
+    models = Models(target, draft, tokenizer.eos_token_id, device)
+    non_embedding = sum(p.numel() for n, p in target.named_parameters() if "embed" not in n)
+    peak = matmul_peak_flops(device, dtype)
+    print(
+        f"device {device}: measured matmul peak {peak / 1e9:.1f} GFLOP/s; target {non_embedding:,} non-embedding parameters"
+    )
+    rows = []
+
+    def record(system, method, w: Workload, batch, m: Measurement, memory: int, reference):
+        out_tokens = sum(len(o) for o in m.outputs)
+        identical = None if not w.greedy or reference is None else m.outputs == reference
+        rows.append(
+            dict(
+                system=system,
+                workload=w.name,
+                method=method,
+                batch_size=batch,
+                num_requests=len(w.prompts),
+                prompt_tokens=w.prompt_tokens,
+                output_tokens=out_tokens,
+                seconds=m.seconds,
+                tokens_per_s=out_tokens / m.seconds,
+                target_steps=m.target_steps,
+                identical_to_reference=identical,
+                peak_memory_bytes=memory,
+                mfu=2 * non_embedding * (w.prompt_tokens + out_tokens) / m.seconds / peak,
+                device=device,
+            )
+        )
+        r = rows[-1]
+        print(
+            f"{w.name:14s} {system:26s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tok/s  {m.seconds:6.2f}s  "
+            f"identical={identical}",
+            flush=True,
+        )
+
+    for w in make_workloads(tokenizer, quick):
+        for batch in batch_sizes:
+            reference = None
+            for system, method, run, only_batch in SYSTEMS:
+                if only_batch is not None and batch != batch_sizes[0]:
+                    continue  # batch-size-1 systems run once per workload
+                size = only_batch or batch
+                with PeakMemory(device) as memory:
+                    m = run(models, w, size)
+                if system == "hf-generate":
+                    reference = m.outputs
+                record(system, method, w, size, m, memory.peak, reference)
+            if w.name == "shared-prefix" and batch == batch_sizes[-1]:
+                with PeakMemory(device) as memory:
+                    result = pipeline_row(w, tokenizer, batch)
+                if result is not None:
+                    record("specbatch-pipeline", result[1], w, batch, result[0], memory.peak, reference)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet(table, out_dir / "bench.parquet")
+    plot(table, out_dir / "bench.png")
+    return table
+
+
+def plot(table: pa.Table, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.to_pylist()
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        best = [
+            max((r["tokens_per_s"] for r in rows if r["system"] == system and r["workload"] == w), default=0)
+            for w in workloads
+        ]
+        ax.bar([x + i * width for x in range(len(workloads))], best, width, label=system)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
+    ax.set_ylabel("output tokens / s (best batch size)")
+    ax.set_title(f"specbatch bench on {rows[0]['device']}")
+    ax.legend(fontsize=8, ncols=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
