@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small workloads, batch 8 only (a few minutes on 2 cores)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
     bench.add_argument("--batch-sizes", default=None, help="comma-separated (default: 8 with --quick, else 1,8,32)")
+    bench.add_argument(
+        "--model",
+        default="demo",
+        help="demo (the bundled pair), random-1b (a random ~0.9B Llama, for GPUs), random-tiny",
+    )
 
     demo = sub.add_parser("demo", help="the bundled prompts and demo models, end to end")
     demo.add_argument(
@@ -207,7 +212,7 @@ def cmd_bench(args) -> None:
     from .bench.runner import run_bench
 
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
-    table = run_bench(Path(args.out), args.quick, args.device, sizes).to_pylist()
+    table = run_bench(Path(args.out), args.quick, args.device, sizes, args.model).to_pylist()
     base = {(r["workload"], r["batch_size"]): r["tokens_per_s"] for r in table if r["system"] == "hf-generate-batch"}
     columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "identical", "MFU", "seconds"]
     rows = [

@@ -13,6 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 VOCAB = 300
 EOS = 299
 
@@ -49,9 +50,17 @@ def random_prompts(n: int, lo: int = 3, hi: int = 20, seed: int = 1) -> list[lis
 
 @pytest.fixture(scope="session")
 def prefect_server():
+    from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
+    @flow
+    def warm_up() -> None:
+        """Prefect (re)configures its log handlers, bound to the sys.stderr of the moment, when a
+        process first talks to the server. Do it here: inside a test that captures output
+        (capsys), the handlers would keep writing to that test's closed capture stream."""
+
     with prefect_test_harness(server_startup_timeout=120):
+        warm_up()
         yield
 
 

@@ -1,6 +1,10 @@
 """Run every system on every workload, write one Parquet row per system x workload x batch
 size, print the table and plot tokens/s.
 
+Each decode step of a batch reads every weight once, so on a GPU, where decoding is bound by
+memory bandwidth, batch x bandwidth / weight bytes bounds output tokens/s; the rows carry that
+bound (null on the CPU, where these small models are bound by per-call overhead instead).
+
 MFU here is useful model FLOPs (2 x non-embedding parameters x (prompt + output tokens)) per
 second over the device's measured fp32 (CPU) or bf16 (GPU) matmul peak: the same work counts for
 every system, whatever it recomputes.
@@ -37,9 +41,73 @@ SCHEMA = pa.schema(
         ("identical_to_reference", pa.bool_()),  # greedy rows vs hf-generate; null when sampled
         ("peak_memory_bytes", pa.int64()),  # peak RSS growth (CPU) or peak allocated (GPU) during the run
         ("mfu", pa.float64()),
+        ("bandwidth_bound_tokens_per_s", pa.float64()),  # GPU: batch x bandwidth / weight bytes; null on CPU
+        ("model", pa.string()),
         ("device", pa.string()),
     ]
 )
+
+# Randomly initialised Llama-style pairs for measuring speed at a size the demo models do not
+# reach (their outputs are noise, but every system gets the same noise to reproduce).
+RANDOM_MODELS = {
+    "random-1b": (
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+        ),
+        dict(
+            hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4
+        ),
+    ),
+    "random-tiny": (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+    ),
+}
+
+
+def load_pair(name: str, device: str, dtype: torch.dtype, eos: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name == "demo":
+        target = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo"], dtype=dtype)
+        draft = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo-draft"], dtype=dtype)
+    elif name in RANDOM_MODELS:
+        pair = []
+        for seed, shape in enumerate(RANDOM_MODELS[name]):
+            torch.manual_seed(seed)
+            config = LlamaConfig(
+                vocab_size=32000,
+                max_position_embeddings=2048,
+                eos_token_id=eos,
+                pad_token_id=eos,
+                bos_token_id=eos,
+                **shape,
+            )
+            pair.append(LlamaForCausalLM(config).to(dtype))
+        target, draft = pair
+    else:
+        raise ValueError(f"unknown bench model {name!r}; use demo, {', '.join(RANDOM_MODELS)}")
+    return target.to(device).eval(), draft.to(device).eval()
+
+
+def memory_bandwidth(device: str) -> float | None:
+    """Bytes per second of a device-to-device copy (read + write), on CUDA; None elsewhere."""
+    if not device.startswith("cuda"):
+        return None
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0, count = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1.0:
+        y.copy_(x)
+        count += 1
+    torch.cuda.synchronize()
+    return 2 * x.numel() * x.element_size() * count / (time.perf_counter() - t0)
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -119,19 +187,24 @@ def pipeline_row(workload: Workload, tokenizer, batch_size: int) -> tuple[Measur
     return Measurement([list(c) for _, c in rows], seconds, None), "ar" if same_prompts else "ar (retokenized)"
 
 
-def run_bench(out_dir: Path, quick: bool, device: str = "cpu", batch_sizes: list[int] | None = None) -> pa.Table:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_bench(
+    out_dir: Path, quick: bool, device: str = "cpu", batch_sizes: list[int] | None = None, model: str = "demo"
+) -> pa.Table:
+    from transformers import AutoTokenizer
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     batch_sizes = batch_sizes or ([8] if quick else [1, 8, 32])
-    target = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo"], dtype=dtype).to(device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo-draft"], dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])  # workloads use the demo tokenizer's ids
+    target, draft = load_pair(model, device, dtype, tokenizer.eos_token_id)
     models = Models(target, draft, tokenizer.eos_token_id, device)
     non_embedding = sum(p.numel() for n, p in target.named_parameters() if "embed" not in n)
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     peak = matmul_peak_flops(device, dtype)
+    bandwidth = memory_bandwidth(device)
     print(
-        f"device {device}: measured matmul peak {peak / 1e9:.1f} GFLOP/s; target {non_embedding:,} non-embedding parameters"
+        f"device {device}: measured matmul peak {peak / 1e9:.1f} GFLOP/s"
+        + (f", copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else "")
+        + f"; target {model}: {non_embedding:,} non-embedding parameters"
     )
     rows = []
 
@@ -153,6 +226,8 @@ def run_bench(out_dir: Path, quick: bool, device: str = "cpu", batch_sizes: list
                 identical_to_reference=identical,
                 peak_memory_bytes=memory,
                 mfu=2 * non_embedding * (w.prompt_tokens + out_tokens) / m.seconds / peak,
+                bandwidth_bound_tokens_per_s=batch * bandwidth / weight_bytes if bandwidth else None,
+                model=model,
                 device=device,
             )
         )
@@ -175,7 +250,7 @@ def run_bench(out_dir: Path, quick: bool, device: str = "cpu", batch_sizes: list
                 if system == "hf-generate":
                     reference = m.outputs
                 record(system, method, w, size, m, memory.peak, reference)
-            if w.name == "shared-prefix" and batch == batch_sizes[-1]:
+            if w.name == "shared-prefix" and batch == batch_sizes[-1] and model == "demo":
                 with PeakMemory(device) as memory:
                     result = pipeline_row(w, tokenizer, batch)
                 if result is not None:
@@ -206,7 +281,7 @@ def plot(table: pa.Table, path: Path) -> None:
         ax.bar([x + i * width for x in range(len(workloads))], best, width, label=system)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
     ax.set_ylabel("output tokens / s (best batch size)")
-    ax.set_title(f"specbatch bench on {rows[0]['device']}")
+    ax.set_title(f"specbatch bench: {rows[0]['model']} on {rows[0]['device']}")
     ax.legend(fontsize=8, ncols=2)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.partial.png")

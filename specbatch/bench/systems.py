@@ -77,9 +77,18 @@ def hf_generate_batch(m: Models, w: Workload, batch_size: int) -> Measurement:
     config = GenerationConfig(
         max_new_tokens=w.max_new_tokens, eos_token_id=m.eos, pad_token_id=m.eos, **_sampling_kwargs(w)
     )
+    # Size its paged cache and token budget to the job, as a careful user would: its defaults
+    # take about 10 GiB here and make a small CPU job three times slower (measured on the quick
+    # shared-prefix workload: 10.9 s and 10 GiB against 3.5 s and 0.4 GiB). Block sharing (its
+    # prefix sharing) stays on.
+    page = 256
+    blocks = sum(-(-(len(p) + w.max_new_tokens) // page) for p in w.prompts) + len(w.prompts)
     cb_config = ContinuousBatchingConfig(
-        max_requests_per_batch=batch_size
-    )  # block sharing (its prefix sharing) stays on
+        max_requests_per_batch=batch_size,
+        page_size=page,
+        num_blocks=blocks,
+        max_batch_tokens=max(2048, max(len(p) for p in w.prompts)),
+    )
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     results = m.target.generate_batch(inputs=w.prompts, generation_config=config, continuous_batching_config=cb_config)

@@ -1,0 +1,70 @@
+"""`specbatch bench` end to end on tiny workloads: every system runs on the real demo models,
+rows land in Parquet with the documented columns, greedy rows match hf-generate."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from specbatch.bench import runner
+from specbatch.bench.workloads import Workload, make_workloads
+from specbatch.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_workloads_are_deterministic_and_round_trip_through_text():
+    from transformers import AutoTokenizer
+
+    from specbatch.workers.models import DEMO_MODELS
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
+    first, again = make_workloads(tok, quick=True), make_workloads(tok, quick=True)
+    assert [w.prompts for w in first] == [w.prompts for w in again]
+    assert [w.name for w in first] == ["shared-prefix", "independent", "n4-sampling", "long-outputs"]
+    shared = first[0].prompts
+    assert len(shared) == 32 and all(p[:150] == shared[0][:150] for p in shared[:8])  # one group's prefix
+    for w in first:
+        assert all(tok(tok.decode(p))["input_ids"] == p for p in w.prompts)
+
+
+def tiny(tokenizer, quick):
+    full = make_workloads(tokenizer, quick=True)
+    return [
+        Workload("shared-prefix", full[0].prompts[:4], max_new_tokens=6),
+        Workload("n4-sampling", full[2].prompts[:4], 6, temperature=0.8, samples_per_prompt=4),
+    ]
+
+
+def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "make_workloads", tiny)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--batch-sizes", "2"]) == 0
+    rows = pq.read_table(tmp_path / "bench.parquet").to_pylist()
+    systems = {r["system"] for r in rows}
+    assert systems == {
+        "hf-generate",
+        "hf-generate-batch",
+        "hf-assisted",
+        "specbatch-ar",
+        "specbatch-draft-k4",
+        "specbatch-draft-adaptive",
+        "specbatch-pipeline",
+    }
+    assert set(rows[0]) == set(runner.SCHEMA.names)
+    for r in rows:
+        assert r["output_tokens"] > 0 and r["seconds"] > 0 and 0 < r["mfu"] < 1
+        if r["workload"] == "shared-prefix":
+            assert r["identical_to_reference"] is True, r["system"]
+        else:
+            assert r["identical_to_reference"] is None
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert "x hf-generate-batch" in capsys.readouterr().out
+
+
+def test_bench_on_a_random_model_as_used_for_gpu_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "make_workloads", tiny)
+    table = runner.run_bench(tmp_path, quick=True, batch_sizes=[4], model="random-tiny").to_pylist()
+    assert {r["model"] for r in table} == {"random-tiny"}
+    assert "specbatch-pipeline" not in {r["system"] for r in table}  # the pipeline row serves the demo models
+    assert all(r["bandwidth_bound_tokens_per_s"] is None for r in table)  # CPU: no bandwidth bound
+    assert all(r["identical_to_reference"] for r in table if r["workload"] == "shared-prefix")
