@@ -28,7 +28,10 @@ _ENV_DEFAULTS = {
 def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--model", default="demo", help="local folder or hub id (default: the bundled demo target)")
     p.add_argument(
-        "--method", default="ar", choices=["ar", "draft"], help="ar: plain; draft: speculative with a draft model"
+        "--method",
+        default="ar",
+        choices=["ar", "draft", "ngram"],
+        help="ar: plain; draft: speculative with a draft model; ngram: draft-free, n-gram lookup",
     )
     p.add_argument(
         "--draft", default=None, help="draft model for --method draft (default with the demo target: the demo draft)"

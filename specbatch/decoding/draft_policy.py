@@ -126,7 +126,8 @@ class GoodputPolicy:
         return self.target_cost.predict(batch_size * (k + 1)) + draft
 
     def choose(self, batch_size: int) -> int:
-        if not (self.target_cost.known and self.draft_cost.known):
+        # A draft cost never measured counts as 0: proposers without forwards (n-gram lookup) have none.
+        if not self.target_cost.known:
             return min(self.probe_k, self.max_k)  # nothing measured yet: draft a little, learn the costs
         if not self.target_cost.has_slope:
             return 0  # a plain step measures verification at a second size

@@ -87,12 +87,10 @@ class RunParams:
     def identity(self) -> dict:
         """What shapes the outputs: a resumed run must match it exactly."""
         draft = {}
+        if self.method in ("draft", "ngram"):
+            draft = {"num_draft_tokens": self.num_draft_tokens, "draft_policy": self.draft_policy}
         if self.method == "draft":
-            draft = {
-                "draft": self.resolved_draft(),
-                "num_draft_tokens": self.num_draft_tokens,
-                "draft_policy": self.draft_policy,
-            }
+            draft["draft"] = self.resolved_draft()
         return draft | {
             "model": resolve_model(self.model),
             "method": self.method,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("ar", "draft")
+METHODS = ("ar", "draft", "ngram")
 DRAFT_POLICIES = ("fixed", "adaptive")
 
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
 from ..decoding.draft_policy import make_policy
+from ..decoding.ngram import NgramProposer
 from ..decoding.proposer import DraftModelProposer
 from ..storage import OutputDir
 from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS
@@ -45,6 +46,9 @@ class ShardRunner:
             policy = make_policy(config.draft_policy, config.num_draft_tokens)
             confidence = config.draft_confidence if config.draft_policy == "adaptive" else 0.0
             proposer = DraftModelProposer(draft, confidence_threshold=confidence)
+        elif config.method == "ngram":  # one table per worker, shared by every request it serves
+            policy = make_policy(config.draft_policy, config.num_draft_tokens)
+            proposer = NgramProposer()
         self.engine = Engine(
             self.model,
             eos_token_ids(self.model, self.tokenizer),

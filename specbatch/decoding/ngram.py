@@ -1,0 +1,80 @@
+"""Draft-free proposals: n-gram lookup in the request itself, then in what the job has produced.
+
+Prompt lookup (as transformers' prompt_lookup_num_tokens and CopySpec do): find the most recent
+earlier occurrence of the row's last n tokens (n = max_ngram down to min_ngram) in its own prompt
+and output, and propose the tokens that followed it. Failing that, a trigram table learned from
+the target's own outputs across every request this proposer has served (offline jobs repeat
+themselves; ADED keeps such a table): chain its most frequent successors.
+
+Drafts are deterministic, so q is one-hot: the verifier accepts d with probability p(d) and on
+rejection samples from p with d removed, which keeps the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+from .sampling import RowSampling
+from .verifier import Draft
+
+
+class NgramProposer:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, table_size: int = 1 << 20) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.table: dict[tuple[int, int], Counter] = defaultdict(Counter)  # (a, b) -> counts of what followed
+        self.table_size = table_size
+        self.seconds = 0.0
+        self.forwards = 0  # none: no model runs
+        self._ingested: list[int] = []  # per slot: how much of its sequence the table has seen
+        self._prompt_len: list[int] = []
+
+    def start(self, num_slots: int, capacity: int) -> None:
+        self._ingested = [-1] * num_slots
+        self._prompt_len = [0] * num_slots
+
+    def release(self, slot: int) -> None:
+        self._ingested[slot] = -1
+
+    def _learn(self, slot: int, seq: list[int]) -> None:
+        """Add the trigrams of the row's generated tokens (the target's own choices) to the table."""
+        if self._ingested[slot] < 0:  # a new request: its prompt is the user's, not the target's
+            self._ingested[slot] = self._prompt_len[slot] = len(seq) - 1
+        start = max(self._ingested[slot], self._prompt_len[slot], 2)
+        if len(self.table) < self.table_size:
+            for i in range(start, len(seq)):
+                self.table[seq[i - 2], seq[i - 1]][seq[i]] += 1
+        self._ingested[slot] = len(seq)
+
+    def _lookup(self, seq: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
+            tail = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):  # most recent earlier occurrence first
+                if seq[start : start + n] == tail:
+                    return seq[start + n : start + n + k]
+        out, a, b = [], seq[-2] if len(seq) > 1 else -1, seq[-1]
+        while len(out) < k and (a, b) in self.table:
+            nxt = self.table[a, b].most_common(1)[0][0]
+            out.append(nxt)
+            a, b = b, nxt
+        return out
+
+    def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
+        t0 = time.perf_counter()
+        drafts = []
+        for slot, seq, k in zip(slots, seqs, num_draft):
+            self._learn(slot, seq)
+            drafts.append(self._lookup(seq, k) if k else [])
+        width = max(len(d) for d in drafts)
+        tokens = torch.zeros(len(slots), width, dtype=torch.long)
+        for b, d in enumerate(drafts):
+            tokens[b, : len(d)] = torch.tensor(d, dtype=torch.long)
+        self.seconds += time.perf_counter() - t0
+        return Draft(tokens.to(sampling.device), [len(d) for d in drafts], probs=None)
+
+    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
+        pass  # nothing to roll back: the table learns only from emitted tokens, at the next propose
