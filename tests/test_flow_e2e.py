@@ -252,3 +252,17 @@ def test_a_shard_failing_every_attempt_becomes_errors_and_is_retried_later(ray_c
     assert (request_id, stage) == ("too-long", "generate")
     assert "failed 2 times" in reason and "does not fit the model's context" in reason
     assert out.is_complete("shard-00000") and not out.is_complete("shard-00001")  # a rerun retries it
+
+
+def test_ngram_method_end_to_end_equals_ar(finished_run, prompts_file, tmp_path):
+    ar_out, _ = finished_run
+    summary = run_flow(prompts_file, tmp_path, method="ngram", num_draft_tokens=4, draft_policy="fixed")
+    assert summary["generations"] == len(GOOD)
+    assert snapshot(tmp_path)["generations"] == snapshot(ar_out)["generations"]
+    con = connect(tmp_path)
+    assert con.execute("select min(method), max(method) from requests").fetchone() == ("ngram", "ngram")
+    assert con.execute("select sum(drafted_tokens) > 0, sum(draft_seconds) >= 0 from requests").fetchone() == (
+        True,
+        True,
+    )
+    assert con.execute("select draft_model from runs").fetchone() == (None,)
