@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding import Engine, GenerationRequest, SamplingParams
-from ..decoding.draft_policy import make_policy
-from ..decoding.proposer import DraftModelProposer
+from ..decoding.speculation import make_speculation
 from .workloads import Workload
 
 
@@ -118,10 +117,7 @@ def hf_assisted(m: Models, w: Workload, batch_size: int) -> Measurement:
 
 def specbatch_engine(method: str, policy: str | None = None, k: int = 4):
     def run(m: Models, w: Workload, batch_size: int) -> Measurement:
-        proposer = pol = None
-        if method == "draft":
-            proposer = DraftModelProposer(m.draft, confidence_threshold=0.3 if policy == "adaptive" else 0.0)
-            pol = make_policy(policy, k)
+        proposer, pol = make_speculation(method, m.draft, policy or "fixed", k)
         engine = Engine(m.target, [m.eos], batch_size, proposer=proposer, policy=pol)
         requests = [
             GenerationRequest(str(i), p, w.max_new_tokens, SamplingParams(temperature=w.temperature, seed=i))

@@ -38,6 +38,15 @@ class FixedPolicy:
         pass
 
 
+def remember(averages: dict, key, value: float, capacity: int) -> None:
+    """A running average per key (new values weigh 0.2), forgetting the least recently seen key
+    beyond capacity: popped and re-inserted, a key moves to the end of the dict's order."""
+    seen = averages.pop(key, None)
+    averages[key] = value if seen is None else 0.8 * seen + 0.2 * value
+    if len(averages) > capacity:
+        del averages[next(iter(averages))]
+
+
 @dataclass
 class LinearCost:
     """Seconds per forward as a function of tokens in it: the running average at each size seen
@@ -58,10 +67,7 @@ class LinearCost:
 
     def add(self, tokens: float, seconds: float) -> None:
         self.smallest, self.largest = min(self.smallest, tokens), max(self.largest, tokens)
-        seen = self.by_size.pop(tokens, None)  # re-inserted last: the dict stays in recency order
-        self.by_size[tokens] = seconds if seen is None else 0.8 * seen + 0.2 * seconds
-        if len(self.by_size) > self.max_sizes:
-            del self.by_size[next(iter(self.by_size))]
+        remember(self.by_size, tokens, seconds, self.max_sizes)
         d = self.decay
         self.n = d * self.n + 1
         self.sx = d * self.sx + tokens
@@ -170,10 +176,7 @@ class GoodputPolicy:
         self.target_cost.add(target_tokens, target_seconds)
         if k is not None and step_seconds is not None and not caught_up:
             key = (len(num_draft), k)
-            seen = self.step_cost.pop(key, None)
-            self.step_cost[key] = step_seconds if seen is None else 0.8 * seen + 0.2 * step_seconds
-            if len(self.step_cost) > 512:
-                del self.step_cost[next(iter(self.step_cost))]
+            remember(self.step_cost, key, step_seconds, 512)
         if draft_forwards:
             self.draft_cost.add(draft_rows, draft_seconds / draft_forwards)
         d = self.acceptance_decay

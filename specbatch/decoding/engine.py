@@ -110,9 +110,8 @@ class Engine:
         if not requests:
             return []
         start = time.perf_counter()
-        longest = min(self.max_positions, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
-        max_k = getattr(self.policy, "max_k", getattr(self.policy, "k", 0))
-        capacity = longest + max_k + 1  # padded verify positions of rows near their end
+        # Only real tokens are written (padding never is), and drafts never pass a row's limit.
+        capacity = min(self.max_positions, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
         num_slots = min(self.max_batch_size, len(requests))
         cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
         if self.proposer is not None:
@@ -200,7 +199,7 @@ class Engine:
             draft_seconds = self.proposer.seconds - before
             # The policy models steady drafting: a catch-up forward over many skipped tokens is
             # the price of having sat out, not the cost of drafting.
-            forwards = getattr(self.proposer, "last_forwards", [])
+            forwards = self.proposer.last_forwards
             steady = [(n, sec) for n, tokens, sec in forwards if tokens <= 2 * n]
         num_draft = draft.num_draft if draft is not None else [0] * len(rows)
         width = max(num_draft) + 1
@@ -211,7 +210,7 @@ class Engine:
         logits = self._target(
             lambda: forward_slots(self.model, cache, slots, ids, None, lengths.tolist())
         )  # [batch, width, vocab]
-        verdict = verify(logits[:, :width], draft, sampling)
+        verdict = verify(logits, draft, sampling)
         target_seconds = time.perf_counter() - t0
         for b, r in enumerate(rows):
             accepted = verdict.num_accepted[b]

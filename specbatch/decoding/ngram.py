@@ -29,7 +29,7 @@ class NgramProposer:
         self.table: dict[tuple[int, int], Counter] = defaultdict(Counter)  # (a, b) -> counts of what followed
         self.table_size = table_size
         self.seconds = 0.0
-        self.forwards = 0  # none: no model runs
+        self.last_forwards: list[tuple[int, int, float]] = []  # always empty: no model runs
         self._ingested: list[int] = []  # per slot: how much of its sequence the table has seen
         self._prompt_len: list[int] = []
 

@@ -20,6 +20,9 @@ from .verifier import Draft
 
 
 class Proposer(Protocol):
+    seconds: float  # wall time spent proposing, cumulative
+    last_forwards: list[tuple[int, int, float]]  # (rows, tokens, seconds) of each model forward of the last propose
+
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""
 
@@ -28,10 +31,6 @@ class Proposer(Protocol):
 
     def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
         """Up to num_draft[b] tokens for each row (0 allowed)."""
-
-    def _timed(self, rows: int, tokens: int, since: float) -> None:
-        self.forwards += 1
-        self.last_forwards.append((rows, tokens, time.perf_counter() - since))
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
         """seq_lens: each row's sequence length when proposing; num_accepted: drafts the target kept."""
@@ -58,7 +57,6 @@ class DraftModelProposer:
         self.dtype = next(model.parameters()).dtype
         self.cache: SlotKVCache | None = None
         self.seconds = 0.0  # wall time in draft forwards
-        self.forwards = 0
         self.last_forwards: list[tuple[int, int, float]] = []  # (rows, tokens, seconds) of the last propose
 
     def start(self, num_slots: int, capacity: int) -> None:
@@ -85,30 +83,30 @@ class DraftModelProposer:
         for i in range(max_k):
             rows = sampling.select(live)
             q = probs_from_logits(logits, rows)  # [live, vocab]
-            d = q.argmax(-1) if rows.all_greedy else sample(q, rows.uniforms(1).squeeze(-1))
-            d = torch.where(rows.is_greedy, q.argmax(-1), d)
+            d = q.argmax(-1)
+            if not rows.all_greedy:
+                d = torch.where(rows.is_greedy, d, sample(q, rows.uniforms(1).squeeze(-1)))
             index = torch.tensor(live, device=self.device)
             tokens[index, i] = d
             probs[index, i] = q
-            confident = q.gather(-1, d[:, None]).squeeze(-1) >= self.confidence_threshold
-            going = []
+            confident = (q.gather(-1, d[:, None]).squeeze(-1) >= self.confidence_threshold).tolist()
+            chosen = d.tolist()
+            going = []  # (row, its token) of the rows that draft on
             for j, b in enumerate(live):
                 drafted[b] += 1
-                if drafted[b] < num_draft[b] and bool(confident[j]):
-                    going.append((j, b))
+                if drafted[b] < num_draft[b] and confident[j]:
+                    going.append((b, chosen[j]))
             if not going:
                 break
-            live = [b for _, b in going]
-            fed = d[torch.tensor([j for j, _ in going], device=self.device)]
+            live = [b for b, _ in going]
             t_forward = time.perf_counter()
-            logits = last_logits(self.model, cache, [slots[b] for b in live], [[t] for t in fed.tolist()])
+            logits = last_logits(self.model, cache, [slots[b] for b in live], [[t] for _, t in going])
             self._timed(len(live), len(live), t_forward)
         self.seconds += time.perf_counter() - t0
         width = max(drafted)  # a confidence stop can end every row before max_k
         return Draft(tokens[:, :width], drafted, probs[:, :width])
 
     def _timed(self, rows: int, tokens: int, since: float) -> None:
-        self.forwards += 1
         self.last_forwards.append((rows, tokens, time.perf_counter() - since))
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:

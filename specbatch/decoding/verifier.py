@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import RowSampling, probs_from_logits, sample
+from .sampling import RowSampling, next_tokens, probs_from_logits, sample
 
 
 @dataclass
@@ -60,8 +60,6 @@ def verify(target_logits: torch.Tensor, draft: Draft | None, sampling: RowSampli
     device = target_logits.device
     max_k = width - 1
     if draft is None or max_k == 0:
-        from .sampling import next_tokens
-
         return Verdict([0] * batch, next_tokens(target_logits[:, 0], sampling).tolist())
     num_draft = torch.tensor(draft.num_draft, device=device)  # [batch]
     tokens = draft.tokens  # [batch, max_k]

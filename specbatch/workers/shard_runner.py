@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
-from ..decoding.draft_policy import make_policy
-from ..decoding.ngram import NgramProposer
-from ..decoding.proposer import DraftModelProposer
+from ..decoding.speculation import make_speculation
 from ..storage import OutputDir
 from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS
 from .config import WorkerConfig
@@ -39,16 +37,14 @@ class ShardRunner:
         self.tokenizer = load_tokenizer(config.model)
         dtype = resolve_dtype(config.dtype, config.device)
         self.model = load_model(config.model, config.device, dtype)
-        proposer = policy = None
+        draft = None
         if config.method == "draft":
             check_same_vocabulary(config.model, config.draft)
             draft = load_model(config.draft, config.device, dtype)
-            policy = make_policy(config.draft_policy, config.num_draft_tokens)
-            confidence = config.draft_confidence if config.draft_policy == "adaptive" else 0.0
-            proposer = DraftModelProposer(draft, confidence_threshold=confidence)
-        elif config.method == "ngram":  # one table per worker, shared by every request it serves
-            policy = make_policy(config.draft_policy, config.num_draft_tokens)
-            proposer = NgramProposer()
+        # One proposer per worker: the n-gram table is shared by every request it serves.
+        proposer, policy = make_speculation(
+            config.method, draft, config.draft_policy, config.num_draft_tokens, config.draft_confidence
+        )
         self.engine = Engine(
             self.model,
             eos_token_ids(self.model, self.tokenizer),
