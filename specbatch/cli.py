@@ -50,6 +50,15 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n", type=int, default=1, help="samples per prompt (sample_index 0..N-1); they share the prompt's KV"
+    )
+    p.add_argument(
+        "--no-prefix-sharing",
+        dest="prefix_sharing",
+        action="store_false",
+        help="compute every prompt in full (for comparison; outputs are the same)",
+    )
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each holding the model")
     p.add_argument("--shard-size", type=int, default=16 if demo else 64, help="requests per shard")
     p.add_argument("--batch-size", type=int, default=8, help="rows decoded together in a worker")
@@ -106,6 +115,8 @@ def cmd_run(args, input_path: str) -> dict:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        n=args.n,
+        prefix_sharing=args.prefix_sharing,
         workers=args.workers,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
@@ -160,6 +171,12 @@ DEMO_QUERIES = [
         "round(sum(accepted_tokens) / nullif(sum(drafted_tokens), 0), 2) as acceptance, "
         "round(sum(draft_seconds) / sum(draft_seconds + target_seconds), 2) as draft_time_share "
         "from requests group by 1",
+        ("ar", "draft"),
+    ),
+    (
+        "prefix sharing (runs table): prompt tokens computed, of all",
+        "select method, prompt_tokens, prefill_tokens, round(1 - prefill_tokens / prompt_tokens, 2) as saved, "
+        "round(peak_kv_bytes / 2 ^ 20, 2) as peak_kv_mib from runs",
         ("ar", "draft"),
     ),
     (

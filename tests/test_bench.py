@@ -45,6 +45,7 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
         "hf-generate",
         "hf-generate-batch",
         "hf-assisted",
+        "specbatch-ar-unshared",
         "specbatch-ar",
         "specbatch-draft-k4",
         "specbatch-draft-adaptive",

@@ -266,3 +266,60 @@ def test_ngram_method_end_to_end_equals_ar(finished_run, prompts_file, tmp_path)
         True,
     )
     assert con.execute("select draft_model from runs").fetchone() == (None,)
+
+
+def test_prefix_sharing_end_to_end_identical_to_computing_every_prompt(prefect_server, ray_cluster, tmp_path):
+    """The bundled prompts come in groups that share a prefix: the plan groups them, workers compute
+    each shared prefix once per shard, and the outputs equal a --no-prefix-sharing run."""
+    from specbatch.cli import DEMO_PROMPTS
+
+    settings = dict(max_new_tokens=6, shard_size=16, batch_size=8)
+    run_flow(DEMO_PROMPTS, tmp_path / "shared", **settings)
+    run_flow(DEMO_PROMPTS, tmp_path / "full", prefix_sharing=False, **settings)
+    shared, full = connect(tmp_path / "shared"), connect(tmp_path / "full")
+    query = "select request_id, completion_token_ids from generations order by all"
+    assert shared.execute(query).fetchall() == full.execute(query).fetchall()
+    totals = "select prompt_tokens, prefill_tokens, peak_kv_bytes from runs"
+    prompt_tokens, prefill_tokens, peak_kv = shared.execute(totals).fetchone()
+    full_prompt_tokens, full_prefill_tokens, full_peak_kv = full.execute(totals).fetchone()
+    assert prompt_tokens == full_prompt_tokens == full_prefill_tokens
+    assert prefill_tokens < 0.8 * prompt_tokens and peak_kv < full_peak_kv
+    (cached,) = shared.execute("select sum(cached_prefix_tokens) from requests").fetchone()
+    assert cached == prompt_tokens - prefill_tokens
+    assert full.execute("select sum(cached_prefix_tokens) from requests").fetchone() == (0,)
+
+
+def test_n_samples_per_prompt(prefect_server, ray_cluster, prompts_file, tmp_path):
+    assert (
+        main(
+            [
+                "run",
+                str(prompts_file),
+                "--out",
+                str(tmp_path),
+                "--n",
+                "4",
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                "6",
+                "--shard-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    con = connect(tmp_path)
+    per_prompt = con.execute(
+        "select request_id, list(sample_index order by sample_index), count(distinct completion_token_ids) "
+        "from generations group by 1"
+    ).fetchall()
+    assert len(per_prompt) == len(GOOD)
+    assert all(samples == [0, 1, 2, 3] for _, samples, _ in per_prompt)
+    assert sum(distinct > 1 for *_, distinct in per_prompt) >= len(GOOD) // 2  # samples differ
+    # Samples of one prompt share it: three of each four read it from the cache (a 3-token prompt
+    # saves too little to be worth a group).
+    reading = con.execute(
+        "select request_id, count(*) filter (cached_prefix_tokens > 0) from requests group by 1"
+    ).fetchall()
+    assert {n for _, n in reading} <= {0, 3} and sum(n for _, n in reading) >= 3 * (len(GOOD) - 1)

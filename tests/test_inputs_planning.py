@@ -97,8 +97,11 @@ def test_plan_is_deterministic_prefix_grouped_and_context_checked(tmp_path):
     plan = plan_shards(rows, errors, ByteTokenizer(), context=32, max_new_tokens=8, shard_size=2, seed=0)
     again = plan_shards(*read_prompts(path), ByteTokenizer(), context=32, max_new_tokens=8, shard_size=2, seed=0)
     assert plan == again
-    assert [[r.request_id for r in s.requests] for s in plan.shards] == [["q", "s1"], ["s2", "z"]]
-    assert [s.shard_id for s in plan.shards] == ["shard-00000", "shard-00001"]
+    # Sorted by token ids; the prefix group (s1, s2) is kept whole in a shard of its own.
+    assert [[r.request_id for r in s.requests] for s in plan.shards] == [["q"], ["s1", "s2"], ["z"]]
+    assert [s.shard_id for s in plan.shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    s1, s2 = plan.shards[1].requests
+    assert s1.prefix_len == s2.prefix_len == len("shared prefix ")
     reasons = {e.request_id: e.reason for e in plan.errors}
     assert "40 tokens" in reasons["long"] and "context is 32" in reasons["long"]
     assert "no chat template" in reasons["chat"]
@@ -115,3 +118,59 @@ def test_messages_use_the_chat_template(tmp_path):
     (request,) = plan.shards[0].requests
     assert request.prompt == "<user>hi<assistant>"
     assert request.prompt_ids == list(b"<user>hi<assistant>")
+
+
+def test_n_samples_share_their_prompt_and_get_their_own_seeds(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "a", "prompt": "a prompt of some length"}, {"id": "b", "prompt": "b"}]
+    )
+    plan = plan_shards(
+        *read_prompts(path), ByteTokenizer(), context=64, max_new_tokens=8, shard_size=8, seed=0, num_samples=3
+    )
+    requests = [r for s in plan.shards for r in s.requests]
+    assert [(r.request_id, r.sample_index) for r in requests] == [
+        ("a", 0),
+        ("a", 1),
+        ("a", 2),
+        ("b", 0),
+        ("b", 1),
+        ("b", 2),
+    ]
+    assert len({r.seed for r in requests}) == 6
+    # a's samples share all but its last token; b's one-token prompt leaves nothing to share
+    assert [r.prefix_len for r in requests] == [22] * 3 + [0] * 3
+    unshared = plan_shards(
+        *read_prompts(path),
+        ByteTokenizer(),
+        context=64,
+        max_new_tokens=8,
+        shard_size=8,
+        seed=0,
+        num_samples=3,
+        share_prefixes=False,
+    )
+    assert [r.prefix_len for s in unshared.shards for r in s.requests] == [0] * 6
+    with pytest.raises(ValueError, match="--n"):
+        plan_shards(
+            *read_prompts(path), ByteTokenizer(), context=64, max_new_tokens=8, shard_size=8, seed=0, num_samples=0
+        )
+
+
+def test_packing_keeps_prefix_groups_whole_unless_too_large():
+    from specbatch.flows.planning import pack
+    from specbatch.workers.shard import ShardRequest
+
+    def group(tag: int, size: int, shared: int = 10):
+        return [ShardRequest(f"{tag}-{i}", 0, "", [tag] * shared + [i], 4, 0, prefix_len=shared) for i in range(size)]
+
+    lone = [ShardRequest("lone", 0, "", [0, 1], 4, 0)]
+    shards = pack(lone * 3 + group(1, 3) + group(2, 3), shard_size=4)
+    assert [[r.request_id for r in s] for s in shards] == [
+        ["lone", "lone", "lone"],  # the group of 3 did not fit in the room left: a new shard
+        ["1-0", "1-1", "1-2"],
+        ["2-0", "2-1", "2-2"],
+    ]
+    shards = pack(group(1, 9) + lone, shard_size=4)  # larger than a shard: split, its prefix once per part
+    assert [len(s) for s in shards] == [4, 4, 2]
+    shards = pack(lone + group(1, 4), shard_size=4)  # a shard under half full is filled first
+    assert [len(s) for s in shards] == [4, 1]

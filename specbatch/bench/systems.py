@@ -3,7 +3,8 @@
 hf-generate: transformers `generate` over static, left-padded batches (the naive pipeline).
 hf-generate-batch: transformers continuous batching, `generate_batch` (paged cache).
 hf-assisted: transformers assisted generation with the draft, batch size 1 (its only size).
-specbatch-*: this engine, plain, with a fixed-K draft and with the adaptive policy.
+specbatch-*: this engine, plain, with a fixed-K draft and with the adaptive policy, sharing
+prefixes as the pipeline plans them; specbatch-ar-unshared computes every prompt in full.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding import Engine, GenerationRequest, SamplingParams
+from ..decoding.prefix_tree import shared_prefix_lengths
 from ..decoding.speculation import make_speculation
 from .workloads import Workload
 
@@ -115,13 +117,14 @@ def hf_assisted(m: Models, w: Workload, batch_size: int) -> Measurement:
     return Measurement(outputs, time.perf_counter() - t0, None)
 
 
-def specbatch_engine(method: str, policy: str | None = None, k: int = 4):
+def specbatch_engine(method: str, policy: str | None = None, k: int = 4, share_prefixes: bool = True):
     def run(m: Models, w: Workload, batch_size: int) -> Measurement:
         proposer, pol = make_speculation(method, m.draft, policy or "fixed", k)
         engine = Engine(m.target, [m.eos], batch_size, proposer=proposer, policy=pol)
+        shared = shared_prefix_lengths(w.prompts) if share_prefixes else [0] * len(w.prompts)
         requests = [
-            GenerationRequest(str(i), p, w.max_new_tokens, SamplingParams(temperature=w.temperature, seed=i))
-            for i, p in enumerate(w.prompts)
+            GenerationRequest(str(i), p, w.max_new_tokens, SamplingParams(temperature=w.temperature, seed=i), 0, n)
+            for i, (p, n) in enumerate(zip(w.prompts, shared))
         ]
         t0 = time.perf_counter()
         results = engine.generate(requests)
@@ -136,6 +139,7 @@ SYSTEMS = [
     ("hf-generate", "ar", hf_generate, None),
     ("hf-generate-batch", "ar", hf_generate_batch, None),
     ("hf-assisted", "draft", hf_assisted, 1),
+    ("specbatch-ar-unshared", "ar", specbatch_engine("ar", share_prefixes=False), None),
     ("specbatch-ar", "ar", specbatch_engine("ar"), None),
     ("specbatch-draft-k4", "draft", specbatch_engine("draft", "fixed", 4), None),
     ("specbatch-draft-adaptive", "draft", specbatch_engine("draft", "adaptive", 6), None),

@@ -13,22 +13,29 @@ wait in a queue; whenever slots are free, waiting requests are admitted and pref
 A finished row frees its slot at once and the next waiting request takes it, so throughput holds
 when output lengths vary. Each row accepts its own number of tokens; its KV cache length and
 position ids are its own, so nothing drifts after ragged acceptance.
+
+Prefix sharing: requests that carry the same first prefix_len tokens (prefix_tree.py plans them)
+form a group. When its first member is admitted the prefix is prefilled once and stored once
+(shared_prefix.py); every member's slot holds only its own tokens and reads the prefix through
+cascade attention. The prefix is freed when the group's last member finishes.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from .cascade_attention import supports_cascade
 from .forward import forward_slots, last_logits, pad_right
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
 from .proposer import Proposer
 from .sampling import RowSampling, next_tokens
+from .shared_prefix import SharedPrefix
 from .verifier import verify
 
 
@@ -40,6 +47,7 @@ class _Row:
     slot: int
     generator: torch.Generator
     result: GenerationResult
+    prefix_key: tuple[int, ...] | None  # its shared prefix's tokens, None when it has none
     prefilled_at: float = 0.0
     done: bool = False
     tokens: list[int] = field(default_factory=list)  # emitted; the last is not yet in the target cache
@@ -57,8 +65,9 @@ class _Row:
 class EngineStats:
     target_forwards: int = 0
     target_seconds: float = 0.0
-    prefill_tokens: int = 0  # prompt tokens run through the target
-    peak_kv_bytes: int = 0
+    prompt_tokens: int = 0  # prompt tokens of every request
+    prefill_tokens: int = 0  # prompt tokens run through the target: shared prefixes count once
+    peak_kv_bytes: int = 0  # the target's KV cache: slots plus live shared prefixes
 
 
 class Engine:
@@ -92,7 +101,7 @@ class Engine:
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.stats = EngineStats()
+        self.stats = EngineStats()  # of the last generate() call
 
     @torch.inference_mode()
     def generate(
@@ -110,12 +119,18 @@ class Engine:
         if not requests:
             return []
         start = time.perf_counter()
+        self.stats = EngineStats()
+        keys = self._prefix_keys(requests)
+        remaining = Counter(k for k in keys if k is not None)  # members yet to finish, per group
+        live: dict[tuple[int, ...], SharedPrefix] = {}
         # Only real tokens are written (padding never is), and drafts never pass a row's limit.
-        capacity = min(self.max_positions, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+        own = [len(r.prompt_ids) - len(k or ()) + r.max_new_tokens for r, k in zip(requests, keys)]
+        capacity = min(self.max_positions, max(own))
         num_slots = min(self.max_batch_size, len(requests))
         cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
         if self.proposer is not None:
             self.proposer.start(num_slots, capacity)
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, cache.nbytes)
         waiting = deque(enumerate(requests))
         free = list(range(num_slots - 1, -1, -1))
@@ -129,30 +144,48 @@ class Engine:
             results[order[row.slot]] = row.result
             del active[row.slot]
             free.append(row.slot)
+            cache.reset(row.slot)
             if self.proposer is not None:
                 self.proposer.release(row.slot)
+            if row.prefix_key is not None:
+                remaining[row.prefix_key] -= 1
+                if not remaining[row.prefix_key]:
+                    live.pop(row.prefix_key).release()
             if on_result is not None:
                 on_result(row.result)
 
         while waiting or active:
             admitted: list[_Row] = []
-            longest_prompt = 0
+            longest_suffix = 0
             while waiting and free:
                 index, req = waiting[0]
-                longest_prompt = max(longest_prompt, len(req.prompt_ids))
-                if admitted and longest_prompt * (len(admitted) + 1) > self.max_prefill_tokens:
+                key = keys[index]
+                longest_suffix = max(longest_suffix, len(req.prompt_ids) - len(key or ()))
+                if admitted and longest_suffix * (len(admitted) + 1) > self.max_prefill_tokens:
                     break
                 waiting.popleft()
                 slot = free.pop()
-                cache.reset(slot)
                 order[slot] = index
                 result = GenerationResult(req.request_id, req.sample_index, len(req.prompt_ids), [], "length")
                 result.queue_seconds = time.perf_counter() - start
-                row = _Row(req, slot, torch.Generator().manual_seed(req.sampling.seed), result)
+                prefix = None
+                if key is not None:
+                    if key in live:  # another member computed it
+                        result.cached_prefix_tokens = len(key)
+                    else:
+                        live[key] = SharedPrefix(list(key))
+                        self.stats.prefill_tokens += len(key)
+                    prefix = live[key]
+                cache.reset(slot, prefix)
+                if self.proposer is not None:
+                    self.proposer.admit(slot, prefix)
+                row = _Row(req, slot, torch.Generator().manual_seed(req.sampling.seed), result, key)
                 active[slot] = row
                 admitted.append(row)
             if admitted:
                 self._prefill(cache, admitted)
+                live_bytes = sum(p.nbytes(self.model) for p in live.values())
+                self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, cache.nbytes + live_bytes)
                 for row in admitted:
                     if row.done:
                         finish(row)
@@ -160,6 +193,16 @@ class Engine:
                 for row in self._decode_step(cache, sorted(active.values(), key=lambda r: r.slot)):
                     finish(row)
         return results  # type: ignore[return-value]
+
+    def _prefix_keys(self, requests: list[GenerationRequest]) -> list[tuple[int, ...] | None]:
+        """Each request's shared prefix tokens, or None: a prefix only one request of this run
+        carries is not shared, nor is any where cascade attention does not apply."""
+        keys = [tuple(r.prompt_ids[: r.prefix_len]) if r.prefix_len else None for r in requests]
+        counts = Counter(keys)
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        if not supports_cascade(self.model.config, longest):
+            return [None] * len(requests)
+        return [k if k is not None and counts[k] > 1 else None for k in keys]
 
     def _target(self, run) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -171,9 +214,9 @@ class Engine:
     def _prefill(self, cache: SlotKVCache, rows: list[_Row]) -> None:
         t0 = time.perf_counter()
         slots = [r.slot for r in rows]
-        prompts = [r.request.prompt_ids for r in rows]
-        logits = self._target(lambda: last_logits(self.model, cache, slots, prompts))
-        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        suffixes = [r.request.prompt_ids[cache.offset(r.slot) :] for r in rows]
+        logits = self._target(lambda: last_logits(self.model, cache, slots, suffixes))
+        self.stats.prefill_tokens += sum(len(p) for p in suffixes)
         sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
         chosen = next_tokens(logits, sampling).tolist()
         elapsed = time.perf_counter() - t0

@@ -1,11 +1,16 @@
-"""One model forward over some slots of a SlotKVCache: ragged inputs right-padded, each row at
-its own positions, logits only where they are needed."""
+"""Model forwards: over some slots of a SlotKVCache (ragged inputs right-padded, each row at its
+own positions, logits only where they are needed; rows that read a shared prefix go through
+cascade attention), and over whole shared prefixes to compute their KV once."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
+from .cascade_attention import CascadeContext, PrefixGroup, cascade_attention_on
 from .kv_cache import SlotKVCache
+from .shared_prefix import SharedPrefix
 
 
 def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,6 +20,11 @@ def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return ids.to(device), lengths
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(visible.shape, device=visible.device, dtype=dtype)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def forward_slots(
@@ -27,22 +37,32 @@ def forward_slots(
 ) -> torch.Tensor:
     """input_ids [batch, q] for `slots`, the first num_real[b] of each row real (default: all) ->
     logits [batch, q, vocab] (or [batch, len(logits_at), vocab]). Writes the real tokens' keys
-    into the cache; commits nothing."""
+    into the cache; commits nothing. Computes the model's KV of any shared prefix the rows read
+    and that it lacks."""
     dtype = next(model.parameters()).dtype
     position_ids, visible = cache.bind(slots, input_ids.shape[1], num_real)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:  # only padded queries can reach past the context; keep them in range
         position_ids = position_ids.clamp(max=max_positions - 1)
-    mask = torch.zeros(visible.shape, device=input_ids.device, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=0 if logits_at is None else logits_at,
-    )
+    extra, attention = {}, nullcontext()
+    groups = cache.prefix_groups(slots)
+    if groups:
+        prefill_prefixes(model, [p for _, p in groups if model not in p.kv])
+        device = input_ids.device
+        extra["specbatch_prefix"] = CascadeContext(
+            [PrefixGroup(torch.tensor(rows, device=device), *p.kv[model]) for rows, p in groups]
+        )
+        attention = cascade_attention_on(model)
+    with attention:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=additive_mask(visible, dtype),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if logits_at is None else logits_at,
+            **extra,
+        )
     return out.logits
 
 
@@ -56,3 +76,47 @@ def last_logits(model, cache: SlotKVCache, slots: list[int], seqs: list[list[int
     for slot, n in zip(slots, lengths.tolist()):
         cache.commit(slot, n)
     return logits[torch.arange(len(seqs), device=device), where.to(device)]  # [batch, vocab]
+
+
+class _PrefixWriter:
+    """A cache for one forward over whole prefixes: keeps each row's keys and values (its real
+    positions only, so the stored copy is exact-size) and attends over the forward's own."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.keys: dict[int, list[torch.Tensor]] = {}
+        self.values: dict[int, list[torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx] = [key[b, :, :n].clone() for b, n in enumerate(self.lengths)]
+        self.values[layer_idx] = [value[b, :, :n].clone() for b, n in enumerate(self.lengths)]
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def prefill_prefixes(model, prefixes: list[SharedPrefix]) -> int:
+    """Compute `model`'s KV for each prefix (one forward, ragged prefixes right-padded).
+    Returns the number of tokens computed."""
+    if not prefixes:
+        return 0
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids, lengths = pad_right([p.ids for p in prefixes], device)
+    width = ids.shape[1]
+    positions = torch.arange(width, device=device)
+    visible = positions[None, :] <= positions[:, None]  # causal [q, kv]; padded queries are discarded
+    writer = _PrefixWriter(lengths.tolist())
+    model(
+        input_ids=ids,
+        attention_mask=additive_mask(visible[None, None].expand(len(prefixes), 1, width, width), dtype),
+        position_ids=positions[None].expand(len(prefixes), width),
+        past_key_values=writer,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    layers = sorted(writer.keys)
+    for b, prefix in enumerate(prefixes):
+        prefix.kv[model] = ([writer.keys[i][b] for i in layers], [writer.values[i][b] for i in layers])
+    return int(lengths.sum())

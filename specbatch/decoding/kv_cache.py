@@ -9,13 +9,19 @@ rejected draft tokens is simply not committing them (as gpt-fast does); the next
 overwrites them and the mask never shows them.
 
 transformers' attention layers call `update(key, value, layer_idx)` and attend over what it
-returns; the engine passes a 4D mask from `attention_mask()` and explicit position ids, which
-transformers uses as given.
+returns; the engine passes a 4D mask from `bind()` and explicit position ids, which transformers
+uses as given.
+
+A slot may read a shared prefix (shared_prefix.py): then it stores only its own tokens, and its
+positions start after the prefix. `prefix_groups()` tells cascade attention which rows read which
+prefix; the prefix's keys are never copied into the slot.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .shared_prefix import SharedPrefix
 
 
 class SlotKVCache:
@@ -28,19 +34,43 @@ class SlotKVCache:
         self.capacity = capacity
         self.num_slots = num_slots
         self.lengths = [0] * num_slots  # committed positions per slot (host-side bookkeeping)
+        self.prefixes: list[SharedPrefix | None] = [None] * num_slots  # a shared prefix before the slot's own tokens
         self.device = device
         self._slots = torch.arange(0)
         self._write_pos = torch.zeros(0, 0, dtype=torch.long)
         self._kv_len = 0
         self._real: torch.Tensor | None = None
-        self._is_prefix_view = False
+        self._slots_lead = False
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def reset(self, slot: int) -> None:
+    def reset(self, slot: int, prefix: SharedPrefix | None = None) -> None:
         self.lengths[slot] = 0
+        self.prefixes[slot] = prefix
+
+    def offset(self, slot: int) -> int:
+        """Position of the slot's first own token: the length of its shared prefix."""
+        prefix = self.prefixes[slot]
+        return 0 if prefix is None else len(prefix)
+
+    def position(self, slot: int) -> int:
+        """Tokens of the sequence the slot holds, its shared prefix included."""
+        return self.offset(slot) + self.lengths[slot]
+
+    def truncate(self, slot: int, position: int) -> None:
+        """Keep the sequence's first `position` tokens (never fewer than the shared prefix)."""
+        self.lengths[slot] = max(0, min(self.lengths[slot], position - self.offset(slot)))
+
+    def prefix_groups(self, slots: list[int]) -> list[tuple[list[int], SharedPrefix]]:
+        """(batch rows, prefix) for each shared prefix the rows of `slots` read."""
+        groups: dict[int, tuple[list[int], SharedPrefix]] = {}
+        for b, slot in enumerate(slots):
+            prefix = self.prefixes[slot]
+            if prefix is not None:
+                groups.setdefault(id(prefix), ([], prefix))[0].append(b)
+        return list(groups.values())
 
     def commit(self, slot: int, num_tokens: int) -> None:
         self.lengths[slot] += num_tokens
@@ -50,14 +80,15 @@ class SlotKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a forward of `q_len` new positions for each of `slots`, of which the first
         num_real[b] are real tokens (all, by default) and the rest right padding.
-        Returns (position_ids [batch, q_len], attention mask [batch, 1, q_len, kv_len])."""
+        Returns (position_ids [batch, q_len], visible [batch, 1, q_len, kv_len]) where kv_len spans
+        the slots' own tokens (a shared prefix is attended to separately, and always visible)."""
         num_real = num_real or [q_len] * len(slots)
         starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)  # [batch]
         kv_len = max(self.lengths[s] + n for s, n in zip(slots, num_real))
         if kv_len > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded (need {kv_len})")
         self._slots = torch.tensor(slots, device=self.device)
-        self._is_prefix_view = slots == list(range(len(slots)))
+        self._slots_lead = slots == list(range(len(slots)))
         offsets = torch.arange(q_len, device=self.device)
         self._write_pos = starts[:, None] + offsets  # [batch, q_len]
         # Only real tokens are written: padding never lands past a row's end or over its keys.
@@ -69,7 +100,8 @@ class SlotKVCache:
         # kv_len (finite values, outputs discarded); key 0 is always visible, so no query is
         # ever fully masked.
         visible = key_pos[None, None, :] <= self._write_pos[:, :, None]  # [batch, q_len, kv_len]
-        return self._write_pos, visible[:, None]
+        offsets = torch.tensor([self.offset(s) for s in slots], device=self.device)
+        return self._write_pos + offsets[:, None], visible[:, None]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key, value [batch, kv_heads, q_len, head_dim] -> the rows' caches [batch, kv_heads, kv_len, head_dim]."""
@@ -83,7 +115,7 @@ class SlotKVCache:
             real = self._real
             k_cache[rows[real], :, self._write_pos[real]] = key[real].to(k_cache.dtype)
             v_cache[rows[real], :, self._write_pos[real]] = value[real].to(v_cache.dtype)
-        if self._is_prefix_view:
+        if self._slots_lead:
             n = len(self._slots)
             return k_cache[:n, :, : self._kv_len], v_cache[:n, :, : self._kv_len]
         return k_cache[self._slots, :, : self._kv_len], v_cache[self._slots, :, : self._kv_len]

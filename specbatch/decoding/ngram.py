@@ -37,8 +37,11 @@ class NgramProposer:
         self._ingested = [-1] * num_slots
         self._prompt_len = [0] * num_slots
 
-    def release(self, slot: int) -> None:
+    def admit(self, slot: int, prefix) -> None:
         self._ingested[slot] = -1
+
+    def release(self, slot: int) -> None:
+        pass
 
     def _learn(self, slot: int, seq: list[int]) -> None:
         """Add the trigrams of the row's generated tokens (the target's own choices) to the table."""

@@ -36,10 +36,18 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     sample_index: int = 0
+    # Leading prompt tokens shared with other requests of the same engine run (prefix_tree.py
+    # plans it): the requests with the same first prefix_len tokens compute and store them once.
+    prefix_len: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError(f"request {self.request_id!r} has an empty prompt")
+        if not 0 <= self.prefix_len < len(self.prompt_ids):
+            raise ValueError(
+                f"request {self.request_id!r}: prefix_len must be in [0, {len(self.prompt_ids)}) "
+                f"(the prompt's length), got {self.prefix_len}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"request {self.request_id!r}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -65,7 +73,7 @@ class GenerationResult:
     target_steps: int = 0  # target forwards this request took part in, its prefill included
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    cached_prefix_tokens: int = 0
+    cached_prefix_tokens: int = 0  # prompt tokens read from a prefix another request computed
     queue_seconds: float = 0.0  # from the engine's start to this request's admission
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0

@@ -13,9 +13,11 @@ from typing import Protocol
 
 import torch
 
+from .cascade_attention import supports_cascade
 from .forward import last_logits
 from .kv_cache import SlotKVCache
 from .sampling import RowSampling, probs_from_logits, sample
+from .shared_prefix import SharedPrefix
 from .verifier import Draft
 
 
@@ -26,8 +28,12 @@ class Proposer(Protocol):
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""
 
+    def admit(self, slot: int, prefix: SharedPrefix | None) -> None:
+        """A new request takes the slot; `prefix` is the shared prefix it reads, if any (a
+        proposer with a KV cache reads it too rather than storing it per row)."""
+
     def release(self, slot: int) -> None:
-        """The slot's request is done; a new one will take it."""
+        """The slot's request is done."""
 
     def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
         """Up to num_draft[b] tokens for each row (0 allowed)."""
@@ -43,7 +49,8 @@ class DraftModelProposer:
     draft has not seen (its whole prompt the first time, the bonus token and a fully accepted last
     draft afterwards, or several steps' worth after steps that drafted nothing), so one ragged
     forward does the draft's prefill, its catch-up and its first proposal. After verification the
-    draft cache is cut back to the accepted prefix, as the target's is.
+    draft cache is cut back to the accepted prefix, as the target's is. Rows of a prefix group read
+    the draft's KV of the shared prefix, computed once, as the target's rows read the target's.
 
     confidence_threshold: a row stops drafting once the draft's probability of its own token falls
     below it (0 = never), as in SVIP and Kangaroo's early exit: the tokens after an unsure one are
@@ -62,6 +69,11 @@ class DraftModelProposer:
     def start(self, num_slots: int, capacity: int) -> None:
         self.cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
 
+    def admit(self, slot: int, prefix: SharedPrefix | None) -> None:
+        if prefix is not None and not supports_cascade(self.model.config, len(prefix) + self.cache.capacity):
+            prefix = None
+        self.cache.reset(slot, prefix)
+
     def release(self, slot: int) -> None:
         self.cache.reset(slot)
 
@@ -75,7 +87,7 @@ class DraftModelProposer:
         drafted = [0] * batch
         live = [b for b in range(batch) if num_draft[b] > 0]
         cache = self.cache
-        feeds = [seqs[b][cache.lengths[slots[b]] :] for b in live]
+        feeds = [seqs[b][cache.position(slots[b]) :] for b in live]
         self.last_forwards = []
         t_forward = time.perf_counter()
         logits = last_logits(self.model, cache, [slots[b] for b in live], feeds)  # [live, vocab]
@@ -111,4 +123,4 @@ class DraftModelProposer:
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
         for slot, n, a in zip(slots, seq_lens, num_accepted):
-            self.cache.lengths[slot] = min(self.cache.lengths[slot], n + a)
+            self.cache.truncate(slot, n + a)

@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ..errors import SpecbatchError
 from ..storage import OutputDir, connect
+from ..storage.output import PLAN
 from ..storage.schema import ERRORS
 from ..workers.config import WorkerConfig
 from ..workers.models import (
@@ -54,6 +55,8 @@ class RunParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    n: int = 1
+    prefix_sharing: bool = True
     workers: int = 1
     shard_size: int = 64
     batch_size: int = 8
@@ -99,6 +102,8 @@ class RunParams:
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            "n": self.n,
+            "prefix_sharing": self.prefix_sharing,  # changes how requests are packed into shards
             "shard_size": self.shard_size,
             "dtype": str(resolve_dtype(self.dtype, self.device)).removeprefix("torch."),
             "input_sha256": file_sha256(Path(self.input)),
@@ -109,6 +114,8 @@ def check_run(params: RunParams) -> dict:
     """Validate what can be checked cheaply, before any worker starts. Returns run.json's content."""
     if not Path(params.input).is_file():
         raise SpecbatchError(f"input file {params.input!r} does not exist")
+    if params.n < 1:
+        raise SpecbatchError(f"--n (samples per prompt) must be >= 1, got {params.n}")
     try:
         config = params.worker_config()
     except ValueError as e:
@@ -151,6 +158,8 @@ def plan(params: RunParams) -> Plan:
         params.max_new_tokens,
         params.shard_size,
         params.seed,
+        num_samples=params.n,
+        share_prefixes=params.prefix_sharing,
     )
     get_run_logger().info(
         "planned %d requests in %d shards; %d rows rejected",
@@ -194,6 +203,7 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
     generated, tokens = con.execute("select count(*), coalesce(sum(completion_tokens), 0) from requests").fetchone()
     (errors,) = con.execute("select count(*) from errors").fetchone()
     new_tokens = sum(s.completion_tokens for s in report.summaries)
+    shards = [e["summary"] for e in out.manifest() if e["unit"] != PLAN and not e["summary"].get("failed")]
     out.write_runs(
         {
             "run_id": run["run_id"],
@@ -207,6 +217,9 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
             "num_shards": len(plan.shards),
             "num_generations": generated,
             "num_errors": errors,
+            "prompt_tokens": sum(s.get("prompt_tokens", 0) for s in shards),
+            "prefill_tokens": sum(s.get("prefill_tokens", 0) for s in shards),
+            "peak_kv_bytes": max((s.get("peak_kv_bytes", 0) for s in shards), default=0),
             "invocations": run["invocations"],
             "created_at": datetime.fromisoformat(run["created_at"]),
             "finished_at": _now(),
@@ -223,6 +236,8 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
         "failed_shards": len(report.failed_shards),
         "retries": report.retries,
         "completion_tokens": tokens,
+        "prefill_tokens_computed": f"{sum(s.get('prefill_tokens', 0) for s in shards)} of "
+        f"{sum(s.get('prompt_tokens', 0) for s in shards)} prompt tokens",
         "seconds_this_invocation": round(seconds, 2),
         "tokens_per_second_this_invocation": round(new_tokens / seconds, 1) if seconds else None,
     }
@@ -245,6 +260,8 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    n: int = 1,
+    prefix_sharing: bool = True,
     workers: int = 1,
     shard_size: int = 64,
     batch_size: int = 8,

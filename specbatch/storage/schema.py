@@ -77,6 +77,9 @@ RUNS = pa.schema(
         ("num_shards", pa.int32()),
         ("num_generations", pa.int64()),
         ("num_errors", pa.int64()),
+        ("prompt_tokens", pa.int64()),  # prompt tokens of every generated request
+        ("prefill_tokens", pa.int64()),  # of those, run through the target: a shared prefix counts once per shard
+        ("peak_kv_bytes", pa.int64()),  # the target's KV cache at its largest, in any one shard
         ("invocations", pa.int32()),  # how many times the run was started (resumes + 1)
         ("created_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),

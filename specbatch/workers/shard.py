@@ -14,6 +14,7 @@ class ShardRequest:
     max_new_tokens: int
     seed: int
     sample_index: int = 0
+    prefix_len: int = 0  # leading tokens shared with its prefix group (0: none), see prefix_tree.py
 
 
 @dataclass

@@ -23,6 +23,8 @@ class ShardSummary:
     num_requests: int
     num_errors: int
     prompt_tokens: int
+    prefill_tokens: int  # prompt tokens computed: shared prefixes once
+    peak_kv_bytes: int  # the target's KV cache at its largest
     completion_tokens: int
     target_steps: int
     seconds: float
@@ -58,7 +60,7 @@ class ShardRunner:
     def _engine_request(self, r: ShardRequest) -> GenerationRequest:
         c = self.config
         sampling = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, seed=r.seed)
-        return GenerationRequest(r.request_id, r.prompt_ids, r.max_new_tokens, sampling, r.sample_index)
+        return GenerationRequest(r.request_id, r.prompt_ids, r.max_new_tokens, sampling, r.sample_index, r.prefix_len)
 
     def _count(self, result: GenerationResult) -> None:
         self.requests_done += 1
@@ -79,7 +81,9 @@ class ShardRunner:
             shard_id=shard.shard_id,
             num_requests=len(results),
             num_errors=0,
-            prompt_tokens=shard.num_prompt_tokens,
+            prompt_tokens=self.engine.stats.prompt_tokens,
+            prefill_tokens=self.engine.stats.prefill_tokens,
+            peak_kv_bytes=self.engine.stats.peak_kv_bytes,
             completion_tokens=sum(r.completion_tokens for r in results),
             target_steps=sum(r.target_steps for r in results),
             seconds=time.perf_counter() - t0,
