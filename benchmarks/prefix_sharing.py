@@ -70,7 +70,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             results = {}
             for share in (False, True):
-                proposer, policy = make_speculation(method, draft, "adaptive", 4)
+                proposer, policy = make_speculation(method, target, draft, "adaptive", 4)
                 engine = Engine(target, [tok.eos_token_id], batch, proposer=proposer, policy=policy)
                 requests = [
                     GenerationRequest(str(i), p, args.max_new_tokens, prefix_len=n if share else 0)

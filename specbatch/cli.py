@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import SpecbatchError
+from .workers.config import METHODS
 
 DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "demo_prompts.jsonl"
 
@@ -30,8 +31,10 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument(
         "--method",
         default="ar",
-        choices=["ar", "draft", "ngram"],
-        help="ar: plain; draft: speculative with a draft model; ngram: draft-free, n-gram lookup",
+        choices=list(METHODS),
+        help="ar: plain; draft: speculative with a draft model; draft-free: ngram (prompt lookup and a learned "
+        "table), lookahead (Jacobi window and n-gram pool), layerskip (the target's own first layers draft); "
+        "auto: chooses among them step by step from measured speed",
     )
     p.add_argument(
         "--draft", default=None, help="draft model for --method draft (default with the demo target: the demo draft)"

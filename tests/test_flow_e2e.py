@@ -254,18 +254,25 @@ def test_a_shard_failing_every_attempt_becomes_errors_and_is_retried_later(ray_c
     assert out.is_complete("shard-00000") and not out.is_complete("shard-00001")  # a rerun retries it
 
 
-def test_ngram_method_end_to_end_equals_ar(finished_run, prompts_file, tmp_path):
+@pytest.mark.parametrize("method", ["ngram", "lookahead", "layerskip", "auto"])
+def test_draft_free_methods_end_to_end_equal_ar(finished_run, prompts_file, tmp_path, method):
     ar_out, _ = finished_run
-    summary = run_flow(prompts_file, tmp_path, method="ngram", num_draft_tokens=4, draft_policy="fixed")
+    summary = run_flow(prompts_file, tmp_path, method=method, num_draft_tokens=3, draft_policy="fixed")
     assert summary["generations"] == len(GOOD)
     assert snapshot(tmp_path)["generations"] == snapshot(ar_out)["generations"]
     con = connect(tmp_path)
-    assert con.execute("select min(method), max(method) from requests").fetchone() == ("ngram", "ngram")
+    assert con.execute("select min(method), max(method) from requests").fetchone() == (method, method)
     assert con.execute("select sum(drafted_tokens) > 0, sum(draft_seconds) >= 0 from requests").fetchone() == (
         True,
         True,
     )
-    assert con.execute("select draft_model from runs").fetchone() == (None,)
+    step_methods = {m for (m,) in con.execute("select distinct method from steps").fetchall()}
+    if method == "auto":  # its choices, step by step; it may use the demo draft
+        assert len(step_methods - {"ar"}) >= 2
+        assert con.execute("select draft_model from runs").fetchone() == (str(DEMO_MODELS["demo-draft"]),)
+    else:
+        assert step_methods <= {method, "ar"}
+        assert con.execute("select draft_model from runs").fetchone() == (None,)
 
 
 def test_prefix_sharing_end_to_end_identical_to_computing_every_prompt(prefect_server, ray_cluster, tmp_path):

@@ -148,7 +148,7 @@ def shared_workload(prefix_len: int = 120, members: int = 12, suffix: int = 12, 
 
 def generate(model, prompts, share: bool, batch_size: int, method: str = "ar", draft=None, max_new: int = 16, **sp):
     shared = shared_prefix_lengths(prompts) if share else [0] * len(prompts)
-    proposer, policy = make_speculation(method, draft, "fixed", 3, 0.0)
+    proposer, policy = make_speculation(method, model, draft, "fixed", 3, 0.0)
     engine = Engine(model, [EOS], max_batch_size=batch_size, proposer=proposer, policy=policy)
     requests = [
         GenerationRequest(f"r{i}", p, max_new, SamplingParams(seed=i, **sp), prefix_len=n)
@@ -157,7 +157,7 @@ def generate(model, prompts, share: bool, batch_size: int, method: str = "ar", d
     return engine.generate(requests), engine.stats
 
 
-@pytest.mark.parametrize("method", ["ar", "draft", "ngram"])
+@pytest.mark.parametrize("method", ["ar", "draft", "ngram", "lookahead", "layerskip", "auto"])
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
 def test_greedy_outputs_identical_with_and_without_sharing(tiny_model, method, batch_size):
     """Two prefix groups, n copies of one prompt, and unrelated rows mixed, admitted as slots free."""

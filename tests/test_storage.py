@@ -83,7 +83,8 @@ def test_writer_killed_mid_file_leaves_nothing_a_reader_picks_up(tmp_path):
         n = 200_000
         zeros = [0] * n
         t = pa.table({{"request_id": [str(i) for i in range(n)], "sample_index": zeros, "step": zeros,
-                      "num_draft": zeros, "drafted": zeros, "accepted": zeros, "emitted": zeros}})
+                      "num_draft": zeros, "drafted": zeros, "accepted": zeros, "emitted": zeros,
+                      "method": ["ar"] * n}})
         OutputDir({str(tmp_path)!r}).write_unit("shard-00007", {{"steps": t}})
         print("finished", flush=True)
         """

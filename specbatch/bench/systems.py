@@ -119,7 +119,7 @@ def hf_assisted(m: Models, w: Workload, batch_size: int) -> Measurement:
 
 def specbatch_engine(method: str, policy: str | None = None, k: int = 4, share_prefixes: bool = True):
     def run(m: Models, w: Workload, batch_size: int) -> Measurement:
-        proposer, pol = make_speculation(method, m.draft, policy or "fixed", k)
+        proposer, pol = make_speculation(method, m.target, m.draft, policy or "fixed", k)
         engine = Engine(m.target, [m.eos], batch_size, proposer=proposer, policy=pol)
         shared = shared_prefix_lengths(w.prompts) if share_prefixes else [0] * len(w.prompts)
         requests = [

@@ -36,7 +36,7 @@ from .params import GenerationRequest, GenerationResult, StepRecord
 from .proposer import Proposer
 from .sampling import RowSampling, next_tokens
 from .shared_prefix import SharedPrefix
-from .verifier import verify
+from .verifier import verify, verify_tree
 
 
 @dataclass
@@ -125,7 +125,8 @@ class Engine:
         live: dict[tuple[int, ...], SharedPrefix] = {}
         # Only real tokens are written (padding never is), and drafts never pass a row's limit.
         own = [len(r.prompt_ids) - len(k or ()) + r.max_new_tokens for r, k in zip(requests, keys)]
-        capacity = min(self.max_positions, max(own))
+        # A tree step (lookahead) writes its whole chunk before keeping the accepted part.
+        capacity = min(self.max_positions, max(own)) + (self.proposer.scratch_positions if self.proposer else 0)
         num_slots = min(self.max_batch_size, len(requests))
         cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
         if self.proposer is not None:
@@ -245,18 +246,27 @@ class Engine:
             forwards = self.proposer.last_forwards
             steady = [(n, sec) for n, tokens, sec in forwards if tokens <= 2 * n]
         num_draft = draft.num_draft if draft is not None else [0] * len(rows)
-        width = max(num_draft) + 1
+        tree = draft.tree if draft is not None else None
+        source = (draft.source or self.proposer.name) if draft is not None and any(num_draft) else "ar"
         drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
-        inputs = [[r.tokens[-1]] + drafts[b][: num_draft[b]] for b, r in enumerate(rows)]
+        chunk = [tree.num_tokens[b] if tree else num_draft[b] for b in range(len(rows))]
+        inputs = [[r.tokens[-1]] + drafts[b][: chunk[b]] for b, r in enumerate(rows)]
         ids, lengths = pad_right(inputs, self.device)
+        layout = None
+        if tree is not None:  # several candidates and riders, each placed and masked as the tree says
+            layout = (torch.nn.functional.pad(tree.depth, (1, 0)), tree.chunk_visible())
         t0 = time.perf_counter()
         logits = self._target(
-            lambda: forward_slots(self.model, cache, slots, ids, None, lengths.tolist())
+            lambda: forward_slots(self.model, cache, slots, ids, None, lengths.tolist(), layout)
         )  # [batch, width, vocab]
-        verdict = verify(logits, draft, sampling)
+        verdict = verify(logits, draft, sampling) if tree is None else verify_tree(logits, tree, sampling)
         target_seconds = time.perf_counter() - t0
+        width = ids.shape[1]
         for b, r in enumerate(rows):
             accepted = verdict.num_accepted[b]
+            if verdict.paths is not None:  # the accepted candidate's keys move behind the last token
+                cache.keep(r.slot, verdict.paths[b])
+                drafts[b] = [inputs[b][i] for i in verdict.paths[b]]
             cache.commit(r.slot, 1 + accepted)
             r.result.target_steps += 1
             r.result.target_seconds += target_seconds
@@ -265,9 +275,9 @@ class Engine:
             r.result.accepted_tokens += accepted
             emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
             if self.proposer is not None:
-                r.result.steps.append(StepRecord(len(r.result.steps), k, num_draft[b], accepted, emitted))
+                r.result.steps.append(StepRecord(len(r.result.steps), k, num_draft[b], accepted, emitted, source))
         if self.proposer is not None:
-            self.proposer.accepted(slots, seq_lens, verdict.num_accepted)
+            self.proposer.accepted(slots, seq_lens, verdict.num_accepted, logits)
             self.policy.observe(
                 num_draft=num_draft,
                 num_accepted=verdict.num_accepted,

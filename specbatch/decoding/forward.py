@@ -34,13 +34,14 @@ def forward_slots(
     input_ids: torch.Tensor,
     logits_at=None,
     num_real: list[int] | None = None,
+    tree: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """input_ids [batch, q] for `slots`, the first num_real[b] of each row real (default: all) ->
     logits [batch, q, vocab] (or [batch, len(logits_at), vocab]). Writes the real tokens' keys
     into the cache; commits nothing. Computes the model's KV of any shared prefix the rows read
-    and that it lacks."""
+    and that it lacks. tree: (depth, visible) of a tree forward, see SlotKVCache.bind."""
     dtype = next(model.parameters()).dtype
-    position_ids, visible = cache.bind(slots, input_ids.shape[1], num_real)
+    position_ids, visible = cache.bind(slots, input_ids.shape[1], num_real, tree)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:  # only padded queries can reach past the context; keep them in range
         position_ids = position_ids.clamp(max=max_positions - 1)
@@ -116,7 +117,11 @@ def prefill_prefixes(model, prefixes: list[SharedPrefix]) -> int:
         use_cache=True,
         logits_to_keep=1,
     )
-    layers = sorted(writer.keys)
+    # Indexed by each attention layer's layer_idx (a layer-skipping view runs only some of them).
+    layers = range(max(writer.keys) + 1)
     for b, prefix in enumerate(prefixes):
-        prefix.kv[model] = ([writer.keys[i][b] for i in layers], [writer.values[i][b] for i in layers])
+        prefix.kv[model] = (
+            [writer.keys[i][b] if i in writer.keys else None for i in layers],
+            [writer.values[i][b] if i in writer.values else None for i in layers],
+        )
     return int(lengths.sum())

@@ -75,11 +75,28 @@ class SlotKVCache:
     def commit(self, slot: int, num_tokens: int) -> None:
         self.lengths[slot] += num_tokens
 
+    def keep(self, slot: int, chunk_indices: list[int]) -> None:
+        """After a tree forward wrote a chunk at the slot's end, move the keys and values of the
+        chosen chunk tokens (indices into the chunk) right behind its first token; commit nothing."""
+        if not chunk_indices:
+            return
+        start = self.lengths[slot]
+        src = torch.tensor(chunk_indices, device=self.device) + start
+        dst = torch.arange(1, len(chunk_indices) + 1, device=self.device) + start
+        for cache in self.keys + self.values:
+            cache[slot, :, dst] = cache[slot, :, src]
+
     def bind(
-        self, slots: list[int], q_len: int, num_real: list[int] | None = None
+        self,
+        slots: list[int],
+        q_len: int,
+        num_real: list[int] | None = None,
+        tree: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a forward of `q_len` new positions for each of `slots`, of which the first
-        num_real[b] are real tokens (all, by default) and the rest right padding.
+        num_real[b] are real tokens (all, by default) and the rest right padding. A tree forward
+        (depth [batch, q_len]: each token's position after the first; visible [batch, q_len, q_len])
+        places and masks the new tokens as given instead of as one causal chain.
         Returns (position_ids [batch, q_len], visible [batch, 1, q_len, kv_len]) where kv_len spans
         the slots' own tokens (a shared prefix is attended to separately, and always visible)."""
         num_real = num_real or [q_len] * len(slots)
@@ -99,9 +116,16 @@ class SlotKVCache:
         # plus this forward's first i + 1 tokens. A padded query sees its row's keys up to
         # kv_len (finite values, outputs discarded); key 0 is always visible, so no query is
         # ever fully masked.
-        visible = key_pos[None, None, :] <= self._write_pos[:, :, None]  # [batch, q_len, kv_len]
         offsets = torch.tensor([self.offset(s) for s in slots], device=self.device)
-        return self._write_pos + offsets[:, None], visible[:, None]
+        if tree is None:
+            visible = key_pos[None, None, :] <= self._write_pos[:, :, None]  # [batch, q_len, kv_len]
+            return self._write_pos + offsets[:, None], visible[:, None]
+        depth, chunk_visible = tree
+        rel = key_pos[None, :] - starts[:, None]  # [batch, kv_len]: index of each key in the chunk
+        in_chunk = (rel >= 0) & (rel < q_len)
+        index = rel.clamp(0, q_len - 1)[:, None, :].expand(len(slots), q_len, kv_len)
+        visible = (rel < 0)[:, None, :] | (in_chunk[:, None, :] & chunk_visible.gather(2, index))
+        return starts[:, None] + offsets[:, None] + depth, visible[:, None]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key, value [batch, kv_heads, q_len, head_dim] -> the rows' caches [batch, kv_heads, kv_len, head_dim]."""

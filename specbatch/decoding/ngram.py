@@ -22,6 +22,8 @@ from .verifier import Draft
 
 
 class NgramProposer:
+    name = "ngram"
+
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, table_size: int = 1 << 20) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -30,6 +32,7 @@ class NgramProposer:
         self.table_size = table_size
         self.seconds = 0.0
         self.last_forwards: list[tuple[int, int, float]] = []  # always empty: no model runs
+        self.scratch_positions = 0
         self._ingested: list[int] = []  # per slot: how much of its sequence the table has seen
         self._prompt_len: list[int] = []
 
@@ -79,5 +82,5 @@ class NgramProposer:
         self.seconds += time.perf_counter() - t0
         return Draft(tokens.to(sampling.device), [len(d) for d in drafts], probs=None)
 
-    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
+    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int], logits=None) -> None:
         pass  # nothing to roll back: the table learns only from emitted tokens, at the next propose

@@ -61,6 +61,7 @@ class StepRecord:
     drafted: int  # draft tokens proposed
     accepted: int  # draft tokens accepted
     emitted: int  # tokens appended to the output (accepted + 1, fewer at a stop)
+    method: str = ""  # what proposed (auto chooses per step); "ar" for a step that drafted nothing
 
 
 @dataclass

@@ -22,8 +22,10 @@ from .verifier import Draft
 
 
 class Proposer(Protocol):
+    name: str  # the method, as the steps table records it
     seconds: float  # wall time spent proposing, cumulative
     last_forwards: list[tuple[int, int, float]]  # (rows, tokens, seconds) of each model forward of the last propose
+    scratch_positions: int  # target cache positions a step may write beyond a row's token limit (tree drafts)
 
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""
@@ -38,8 +40,9 @@ class Proposer(Protocol):
     def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
         """Up to num_draft[b] tokens for each row (0 allowed)."""
 
-    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
-        """seq_lens: each row's sequence length when proposing; num_accepted: drafts the target kept."""
+    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int], logits: torch.Tensor) -> None:
+        """seq_lens: each row's sequence length when proposing; num_accepted: drafts the target kept;
+        logits: the target's [batch, chunk, vocab] of the step (lookahead harvests its window there)."""
 
 
 class DraftModelProposer:
@@ -57,12 +60,15 @@ class DraftModelProposer:
     rarely accepted.
     """
 
+    name = "draft"
+
     def __init__(self, model, confidence_threshold: float = 0.0) -> None:
         self.model = model
         self.confidence_threshold = confidence_threshold
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache: SlotKVCache | None = None
+        self.scratch_positions = 0
         self.seconds = 0.0  # wall time in draft forwards
         self.last_forwards: list[tuple[int, int, float]] = []  # (rows, tokens, seconds) of the last propose
 
@@ -121,6 +127,6 @@ class DraftModelProposer:
     def _timed(self, rows: int, tokens: int, since: float) -> None:
         self.last_forwards.append((rows, tokens, time.perf_counter() - since))
 
-    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int]) -> None:
+    def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int], logits=None) -> None:
         for slot, n, a in zip(slots, seq_lens, num_accepted):
             self.cache.truncate(slot, n + a)

@@ -22,7 +22,7 @@ class SharedPrefix:
 
     def nbytes(self, model) -> int:
         keys, values = self.kv.get(model, ([], []))
-        return sum(t.numel() * t.element_size() for t in keys + values)
+        return sum(t.numel() * t.element_size() for t in keys + values if t is not None)
 
     def release(self) -> None:
         self.kv.clear()

@@ -13,6 +13,12 @@ The output token then has distribution exactly p_i at every position. A determin
 (n-gram lookup, greedy drafting) is a one-hot q: accept with probability p(d), else sample from p
 with d removed and renormalized. Greedy rows are the point-mass case: accept while d_i equals
 the target's argmax, then emit the argmax; that path uses exact comparisons, no floats.
+
+Several deterministic candidates per row (a DraftTree, e.g. lookahead's n-grams) are verified by
+recursive rejection (SpecInfer, Miao et al. 2024, for one-hot drafts): at each depth try the
+distinct next tokens x of the candidates still alive, in order; accept x with probability p(x),
+else remove x from p (p <- norm(p with p(x) = 0)) and try the next; if none is accepted, sample
+from what is left of p. Each trial is the one-hot case above, so the output keeps p exactly.
 """
 
 from __future__ import annotations
@@ -25,12 +31,35 @@ from .sampling import RowSampling, next_tokens, probs_from_logits, sample
 
 
 @dataclass
+class DraftTree:
+    """Candidate continuations plus tokens that ride along unverified (lookahead's Jacobi window),
+    scored in one target forward. A row's chunk is its last emitted token (index 0) followed by
+    tokens[b, : num_tokens[b]] (indices 1, 2, ...)."""
+
+    tokens: torch.Tensor  # [batch, width] long
+    num_tokens: list[int]
+    depth: torch.Tensor  # [batch, width] long: position after the last emitted token (>= 1)
+    visible: torch.Tensor  # [batch, width, width] bool: chunk token i attends to chunk token j
+    candidates: list[list[list[int]]]  # per row, candidate chains of chunk indices (>= 1)
+
+    def chunk_visible(self) -> torch.Tensor:
+        """[batch, width + 1, width + 1] with the last emitted token: everyone sees it, it sees itself."""
+        batch, width = self.tokens.shape
+        full = torch.zeros(batch, width + 1, width + 1, dtype=torch.bool, device=self.tokens.device)
+        full[:, :, 0] = True
+        full[:, 1:, 1:] = self.visible
+        return full
+
+
+@dataclass
 class Draft:
     """What a proposer hands the verifier (rows padded to the longest draft)."""
 
     tokens: torch.Tensor  # [batch, max_k] long; padding beyond num_draft[b] is ignored
-    num_draft: list[int]  # K_b per row, 0 allowed
+    num_draft: list[int]  # K_b per row, 0 allowed (for a tree: its longest candidate)
     probs: torch.Tensor | None = None  # [batch, max_k, vocab] draft distributions q; None = one-hot on tokens
+    tree: DraftTree | None = None  # several candidates per row instead of one chain
+    source: str = ""  # the method that proposed it, when a proposer chooses among several (auto)
 
 
 def acceptance_probability(p_d: torch.Tensor, q_d: torch.Tensor) -> torch.Tensor:
@@ -51,6 +80,7 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class Verdict:
     num_accepted: list[int]  # accepted draft tokens per row
     next_token: list[int]  # the token after them: residual sample on a rejection, else the bonus
+    paths: list[list[int]] | None = None  # tree drafts: the chunk indices of the accepted tokens
 
 
 def verify(target_logits: torch.Tensor, draft: Draft | None, sampling: RowSampling) -> Verdict:
@@ -88,3 +118,52 @@ def verify(target_logits: torch.Tensor, draft: Draft | None, sampling: RowSampli
     sampled = sample(residual_distribution(p_next, q_next), u[:, max_k])
     next_token = torch.where(greedy, target_argmax[rows, num_accepted], sampled)
     return Verdict(num_accepted.tolist(), next_token.tolist())
+
+
+def verify_tree(target_logits: torch.Tensor, tree: DraftTree, sampling: RowSampling) -> Verdict:
+    """target_logits [batch, width + 1, vocab] over each row's chunk. Returns, per row, the accepted
+    candidate's tokens (as chunk indices in `paths`) and the next token."""
+    argmax = target_logits.argmax(-1).tolist()  # [batch][width + 1]
+    tokens = tree.tokens.tolist()
+    num_accepted, next_token, paths = [], [], []
+    for b, candidates in enumerate(tree.candidates):
+        path: list[int] = []
+        if sampling.all_greedy or bool(sampling.is_greedy[b]):
+            for chain in candidates:  # the longest run of argmax matches wins
+                n, node = 0, 0
+                while n < len(chain) and tokens[b][chain[n] - 1] == argmax[b][node]:
+                    node, n = chain[n], n + 1
+                if n > len(path):
+                    path = chain[:n]
+            token = argmax[b][path[-1] if path else 0]
+        else:
+            path, token = _sample_tree(target_logits[b], tokens[b], candidates, sampling.select([b]))
+        num_accepted.append(len(path))
+        next_token.append(token)
+        paths.append(path)
+    return Verdict(num_accepted, next_token, paths)
+
+
+def _sample_tree(logits: torch.Tensor, tokens: list[int], candidates: list[list[int]], row: RowSampling):
+    """Recursive rejection for one sampled row. logits [width + 1, vocab]."""
+    generator = row.generators[0]
+    path, node, alive = [], 0, list(candidates)
+    while True:
+        p = probs_from_logits(logits[node][None], row)[0]  # [vocab]
+        tried, accepted = set(), None
+        for chain in alive:
+            if len(chain) <= len(path) or tokens[chain[len(path)] - 1] in tried:
+                continue
+            x = tokens[chain[len(path)] - 1]
+            tried.add(x)
+            if float(torch.rand(1, generator=generator)) < float(p[x] / p.sum()):
+                accepted = x
+                break
+            # Rejected: the next trial (or the final sample) draws from norm(p with x removed).
+            p = residual_distribution(p, torch.nn.functional.one_hot(torch.tensor(x, device=p.device), p.shape[-1]))
+        if accepted is None:
+            u = torch.rand(1, generator=generator).to(p.device)
+            return path, int(sample(p[None], u)[0])
+        alive = [c for c in alive if len(c) > len(path) and tokens[c[len(path)] - 1] == accepted]
+        node = alive[0][len(path)]
+        path.append(node)

@@ -68,7 +68,8 @@ class RunParams:
     draft_policy: str = "adaptive"
 
     def resolved_draft(self) -> str | None:
-        if self.method != "draft":
+        """The draft model: --draft, or the demo draft with the demo target; auto uses it where there is one."""
+        if self.method not in ("draft", "auto"):
             return None
         return resolve_model(self.draft) if self.draft else default_draft(resolve_model(self.model))
 
@@ -90,9 +91,9 @@ class RunParams:
     def identity(self) -> dict:
         """What shapes the outputs: a resumed run must match it exactly."""
         draft = {}
-        if self.method in ("draft", "ngram"):
+        if self.method != "ar":
             draft = {"num_draft_tokens": self.num_draft_tokens, "draft_policy": self.draft_policy}
-        if self.method == "draft":
+        if self.resolved_draft() is not None:
             draft["draft"] = self.resolved_draft()
         return draft | {
             "model": resolve_model(self.model),

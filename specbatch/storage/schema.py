@@ -52,6 +52,7 @@ STEPS = pa.schema(
         ("drafted", pa.int32()),
         ("accepted", pa.int32()),
         ("emitted", pa.int32()),
+        ("method", pa.string()),  # what proposed: the run's method, or auto's choice; "ar" if nothing was drafted
     ]
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("ar", "draft", "ngram")
+METHODS = ("ar", "draft", "ngram", "lookahead", "layerskip", "auto")  # decoding/speculation.py builds them
 DRAFT_POLICIES = ("fixed", "adaptive")
 
 
@@ -18,7 +18,7 @@ class WorkerConfig:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "auto"
-    draft: str | None = None  # resolved draft model, for method "draft"
+    draft: str | None = None  # resolved draft model, for method "draft" (and "auto", where one is given)
     num_draft_tokens: int = 4  # K, or the largest K the adaptive policy may choose
     draft_policy: str = "adaptive"
     draft_confidence: float = 0.3  # adaptive policy: a row stops drafting below this draft probability

@@ -40,12 +40,12 @@ class ShardRunner:
         dtype = resolve_dtype(config.dtype, config.device)
         self.model = load_model(config.model, config.device, dtype)
         draft = None
-        if config.method == "draft":
+        if config.draft is not None:
             check_same_vocabulary(config.model, config.draft)
             draft = load_model(config.draft, config.device, dtype)
         # One proposer per worker: the n-gram table is shared by every request it serves.
         proposer, policy = make_speculation(
-            config.method, draft, config.draft_policy, config.num_draft_tokens, config.draft_confidence
+            config.method, self.model, draft, config.draft_policy, config.num_draft_tokens, config.draft_confidence
         )
         self.engine = Engine(
             self.model,

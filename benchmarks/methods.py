@@ -1,12 +1,13 @@
-"""Speculative decoding against plain decoding on the demo pair and the bundled prompts.
+"""Every decoding method against plain decoding on the demo models and the bundled prompts.
 
-    python benchmarks/speculative.py [--max-new-tokens 64] [--repeat 1] [--device cpu]
+    python benchmarks/methods.py [--max-new-tokens 64] [--repeat 1] [--batch-sizes 1,8,32]
+                                 [--methods ...] [--device cpu]
 
-Engine only (no Ray or Prefect): for each batch size, plain decoding (ar), then draft-model
-speculation with fixed K and with the adaptive policy, greedy. Prints a markdown table: tokens
-per target step, acceptance, wall seconds, speedup over ar, and whether every output is
-token-identical to ar. --repeat N runs the prompts N times over (a longer job, where the adaptive
-policy's exploration is amortized).
+Engine only (no Ray or Prefect), greedy. For each batch size: plain decoding (ar), then each
+method. Prints a markdown table: tokens per target step, acceptance (accepted / drafted, where a
+tree's "drafted" is its longest candidate), wall seconds, speedup over ar, whether every output is
+token-identical to ar, and for auto the steps each arm took. --repeat N runs the prompts N times
+over (a longer job, where adaptive choices are amortized).
 """
 
 from __future__ import annotations
@@ -14,17 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specbatch.decoding import Engine, GenerationRequest
-from specbatch.decoding.draft_policy import make_policy
-from specbatch.decoding.proposer import DraftModelProposer
+from specbatch.decoding.speculation import make_speculation
 from specbatch.workers.models import DEMO_MODELS
 
 PROMPTS = Path(__file__).resolve().parents[1] / "specbatch" / "data" / "demo_prompts.jsonl"
+# (label, method, draft-length policy, K)
+METHODS = {
+    "draft-k2": ("draft", "fixed", 2),
+    "draft-k4": ("draft", "fixed", 4),
+    "draft-adaptive": ("draft", "adaptive", 6),
+    "ngram": ("ngram", "fixed", 4),
+    "lookahead": ("lookahead", "fixed", 3),
+    "layerskip": ("layerskip", "fixed", 3),
+    "layerskip-adaptive": ("layerskip", "adaptive", 4),
+    "auto": ("auto", "fixed", 3),
+}
 
 
 def load_prompts(tok) -> list[list[int]]:
@@ -44,6 +56,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {', '.join(METHODS)}")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -57,37 +70,33 @@ def main() -> None:
         return [GenerationRequest(str(i), p, args.max_new_tokens) for i, p in enumerate(prompts)]
 
     print(
-        f"{len(prompts)} requests x {args.max_new_tokens} new tokens, greedy, {args.device}, {torch.get_num_threads()} threads\n"
+        f"{len(prompts)} requests x {args.max_new_tokens} new tokens, greedy, {args.device}, "
+        f"{torch.get_num_threads()} threads\n"
     )
-    print("| batch | method | tokens/target step | acceptance | seconds | speedup vs ar | identical to ar |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| batch | method | tokens/target step | acceptance | seconds | speedup vs ar | identical to ar | steps by method |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         t0 = time.perf_counter()
         reference = Engine(target, eos, batch).generate(requests())
         ar_seconds = time.perf_counter() - t0
-        print(f"| {batch} | ar | 1.00 | - | {ar_seconds:.2f} | 1.00 | - |", flush=True)
-        for name, policy, k in (
-            ("draft K=2", "fixed", 2),
-            ("draft K=4", "fixed", 4),
-            ("draft adaptive", "adaptive", 6),
-        ):
-            engine = Engine(
-                target,
-                eos,
-                batch,
-                proposer=DraftModelProposer(draft, 0.3 if policy == "adaptive" else 0.0),
-                policy=make_policy(policy, k),
-            )
+        print(f"| {batch} | ar | 1.00 | - | {ar_seconds:.2f} | 1.00 | - | |", flush=True)
+        for label in args.methods.split(","):
+            method, policy, k = METHODS[label]
+            proposer, pol = make_speculation(method, target, draft, policy, k)
             t0 = time.perf_counter()
-            results = engine.generate(requests())
+            results = Engine(target, eos, batch, proposer=proposer, policy=pol).generate(requests())
             seconds = time.perf_counter() - t0
             tokens = sum(r.completion_tokens for r in results)
             steps = sum(r.target_steps for r in results)
             acceptance = sum(r.accepted_tokens for r in results) / max(1, sum(r.drafted_tokens for r in results))
             same = all(r.completion_ids == ref.completion_ids for r, ref in zip(results, reference))
+            arms = Counter(s.method for r in results for s in r.steps) if method == "auto" else Counter()
             print(
-                f"| {batch} | {name} | {tokens / steps:.2f} | {acceptance:.2f} | {seconds:.2f} | "
-                f"{ar_seconds / seconds:.2f} | {'yes' if same else 'NO'} |",
+                f"| {batch} | {label} | {tokens / steps:.2f} | {acceptance:.2f} | {seconds:.2f} | "
+                f"{ar_seconds / seconds:.2f} | {'yes' if same else 'NO'} | "
+                f"{', '.join(f'{m} {n}' for m, n in arms.most_common())} |",
                 flush=True,
             )
 

@@ -1,0 +1,213 @@
+"""Draft-free methods through the same verifier: n-gram lookup, lookahead decoding, layer-skip
+self-speculation and auto. Greedy output equals plain decoding; sampled output keeps the target's
+distribution (one-hot q, several candidates for lookahead), each with a negative control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specbatch.decoding import Engine, GenerationRequest, SamplingParams
+from specbatch.decoding import verifier as verifier_module
+from specbatch.decoding.auto import AutoProposer
+from specbatch.decoding.draft_policy import FixedPolicy, GoodputPolicy
+from specbatch.decoding.layerskip import default_layers, skip_layers_view
+from specbatch.decoding.lookahead import LookaheadProposer
+from specbatch.decoding.ngram import NgramProposer
+from specbatch.decoding.sampling import RowSampling
+from specbatch.decoding.speculation import make_speculation
+from specbatch.decoding.verifier import Draft
+
+from .conftest import EOS, random_prompts, tiny_llama
+from .test_sampling import chi_square_p
+from .test_speculative import exact_marginals
+
+
+def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a random phrase, as code and templated text do."""
+    return [(p[:6] * 4)[: 6 + 3 * (i % 5)] for i, p in enumerate(random_prompts(n, lo=6, hi=12, seed=seed))]
+
+
+def run(model, requests, batch, proposer=None, policy=None):
+    return Engine(model, [EOS], batch, proposer=proposer, policy=policy).generate(requests)
+
+
+def test_prompt_lookup_and_the_learned_table():
+    proposer = NgramProposer(max_ngram=2)
+    proposer.start(num_slots=2, capacity=64)
+    sampling = RowSampling([SamplingParams(), SamplingParams()])
+    draft = proposer.propose([0, 1], [[7, 8, 9, 1, 7, 8], [3, 4]], [3, 3], sampling)
+    assert draft.num_draft == [3, 0] and draft.tokens[0].tolist() == [9, 1, 7]  # "7 8" was followed by "9 1 7"
+    # Slot 1's generated tokens (after its 2-token prompt) teach the table; another request then uses it.
+    proposer.propose([1], [[3, 4, 20, 21, 22]], [0], sampling)
+    proposer.release(1)
+    draft = proposer.propose([1], [[50, 20, 21]], [2], RowSampling([SamplingParams()]))
+    assert draft.tokens[0].tolist() == [22]  # (20, 21) -> 22, learned from the other request
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_greedy_ngram_equals_plain_decoding(batch_size):
+    model = tiny_llama(seed=4)
+    prompts = repetitive_prompts(16, seed=batch_size) + random_prompts(8, seed=30)
+    requests = [GenerationRequest(str(i), p, 3 + i % 11) for i, p in enumerate(prompts)]
+    reference = run(model, requests, batch_size)
+    for policy in (FixedPolicy(4), GoodputPolicy(max_k=5)):
+        results = run(model, requests, batch_size, NgramProposer(), policy)
+        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
+    fixed = run(model, requests, batch_size, NgramProposer(), FixedPolicy(4))
+    assert sum(r.drafted_tokens for r in fixed) > 0
+
+
+def test_ngram_samples_follow_the_target_distribution(monkeypatch):
+    target = tiny_llama(seed=21)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(40.0)
+    # A prompt whose tail recurs, so lookup proposes tokens that p often, but not always, picks.
+    prompt, settings = [5, 17, 42, 8, 5, 17], dict(temperature=1.0, top_k=5)
+    marginals = exact_marginals(target, prompt, settings, depth=3)
+
+    def samples():
+        requests = [GenerationRequest(str(i), prompt, 4, SamplingParams(seed=i, **settings)) for i in range(4000)]
+        results = run(target, requests, 256, NgramProposer(), FixedPolicy(2))
+        assert sum(r.accepted_tokens for r in results) > 200  # the drafts matter to the outcome
+        return [r.completion_ids for r in results]
+
+    good = samples()
+    for position in (1, 2):
+        assert chi_square_p([s[position] for s in good], marginals[position]) > 1e-3
+    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)  # d not removed on rejection
+    bad = samples()
+    assert min(chi_square_p([s[position] for s in bad], marginals[position]) for position in (1, 2)) < 1e-3
+
+
+# ---------------------------------------------------------------- lookahead decoding
+
+
+def test_lookahead_window_layout_and_pool():
+    proposer = LookaheadProposer(window=3, ngram=3, max_candidates=2)
+    proposer.start(num_slots=1, capacity=64)
+    proposer.admit(0, None)
+    seq = [7, 8, 9, 7, 8, 5, 7]
+    draft = proposer.propose([0], [seq], [2], RowSampling([SamplingParams()]))
+    tree = draft.tree
+    # Window: 2 levels x 3 columns; then the pool's candidates for the last token 7, most recent first.
+    assert tree.depth[0].tolist() == [1, 2, 3, 2, 3, 4, 1, 2, 1, 2]
+    assert tree.tokens[0, 6:].tolist() == [8, 5, 8, 9] and tree.candidates == [[[7, 8], [9, 10]]]
+    assert draft.num_draft == [2]
+    visible = tree.chunk_visible()[0].int()
+    assert visible[5].tolist() == [1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0]  # level 1, column 1: x, w0[0..1], itself
+    assert visible[8].tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0]  # a candidate sees x and its own tokens
+    # The window's last level predicts; each column's trajectory becomes a 3-gram of the pool.
+    logits = torch.zeros(1, 11, 50)
+    logits[0, [4, 5, 6], [40, 41, 42]] = 1.0  # the last level's columns sit at chunk indices 4..6
+    window = [list(level) for level in proposer._levels[0]]
+    proposer.accepted([0], [len(seq)], [0], logits)
+    assert proposer._levels[0] == [window[1], [40, 41, 42]]
+    assert (window[1][0], 40) in proposer._pools[0][window[0][0]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_greedy_lookahead_equals_plain_decoding(batch_size):
+    model = tiny_llama(seed=4)
+    prompts = repetitive_prompts(16, seed=batch_size) + random_prompts(8, seed=30)
+    requests = [GenerationRequest(str(i), p, 3 + i % 11) for i, p in enumerate(prompts)]
+    reference = run(model, requests, batch_size)
+    for proposer, policy in ((LookaheadProposer(), FixedPolicy(3)), (LookaheadProposer(2, 3, 6), GoodputPolicy(2))):
+        results = run(model, requests, batch_size, proposer, policy)
+        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
+    fixed = run(model, requests, batch_size, LookaheadProposer(), FixedPolicy(3))
+    assert sum(r.accepted_tokens for r in fixed) > 0
+
+
+def test_lookahead_samples_follow_the_target_distribution(monkeypatch):
+    target = tiny_llama(seed=21)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(40.0)
+    # A prompt that holds the target's own greedy continuation of its tail, so the pool (which
+    # takes the prompt's n-grams) proposes what p often, but not always, picks.
+    greedy = run(target, [GenerationRequest("g", [5, 17], 8)], 1)[0].completion_ids
+    prompt, settings = [5, 17] + greedy + [5, 17], dict(temperature=1.0, top_k=5)
+    marginals = exact_marginals(target, prompt, settings, depth=3)
+
+    def samples():
+        requests = [GenerationRequest(str(i), prompt, 4, SamplingParams(seed=i, **settings)) for i in range(4000)]
+        results = run(target, requests, 256, LookaheadProposer(window=2, ngram=3, max_candidates=3), FixedPolicy(2))
+        assert sum(r.accepted_tokens for r in results) > 200  # the candidates matter to the outcome
+        return [r.completion_ids for r in results]
+
+    good = samples()
+    for position in (1, 2):
+        assert chi_square_p([s[position] for s in good], marginals[position]) > 1e-3
+    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)  # x not removed on rejection
+    bad = samples()
+    assert min(chi_square_p([s[position] for s in bad], marginals[position]) for position in (1, 2)) < 1e-3
+
+
+# ---------------------------------------------------------------- layer skipping and auto
+
+
+def test_layer_skip_view_shares_the_target_weights():
+    model = tiny_llama(seed=4, layers=4)
+    view = skip_layers_view(model, [0, 3])
+    assert len(view.model.layers) == 2 and len(model.model.layers) == 4  # the target is untouched
+    assert view.model.layers[1] is model.model.layers[3] and view.lm_head is model.lm_head
+    assert default_layers(6) == [0, 1, 2, 5] and default_layers(4) == [0, 1, 3]
+    with pytest.raises(ValueError, match="increasing indices"):
+        skip_layers_view(model, [2, 1])
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_greedy_layerskip_and_auto_equal_plain_decoding(batch_size):
+    model = tiny_llama(seed=4, layers=4)
+    prompts = repetitive_prompts(16, seed=batch_size) + random_prompts(8, seed=30)
+    requests = [GenerationRequest(str(i), p, 3 + i % 11) for i, p in enumerate(prompts)]
+    reference = run(model, requests, batch_size)
+    for method in ("layerskip", "auto"):
+        proposer, policy = make_speculation(method, model, tiny_llama(seed=9, layers=1), "fixed", 3)
+        results = run(model, requests, batch_size, proposer, policy)
+        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference], method
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
+        assert sum(r.accepted_tokens for r in results) > 0
+        methods = {s.method for r in results for s in r.steps}
+        assert methods <= {"ar", "ngram", "lookahead", "layerskip", "draft"}
+        if method == "auto":  # every arm was tried, and its choices recorded per step
+            assert proposer.tried.keys() == {"ar", "ngram", "lookahead", "layerskip", "draft"}
+            assert min(proposer.tried.values()) >= 1 and len(methods) >= 3
+
+
+def test_auto_settles_on_the_arm_with_the_best_goodput():
+    now = [0.0]
+
+    class Arm:
+        """A proposer whose drafts are always accepted, at a given cost in (simulated) seconds."""
+
+        name, scratch_positions, last_forwards, seconds = "fake", 0, [], 0.0
+
+        def __init__(self, cost):
+            self.cost = cost
+
+        def start(self, *a):
+            pass
+
+        admit = release = start
+
+        def propose(self, slots, seqs, num_draft, sampling):
+            now[0] += self.cost
+            return Draft(torch.zeros(len(slots), 1, dtype=torch.long), [1] * len(slots))
+
+        def accepted(self, *a):
+            pass
+
+    auto = AutoProposer({"fast": Arm(0.0), "slow": Arm(0.01)}, warmup=2, probe_every=10, clock=lambda: now[0])
+    sampling = RowSampling([SamplingParams()])
+    chosen = []
+    for _ in range(40):
+        draft = auto.propose([0], [[1, 2]], [1], sampling)
+        chosen.append(draft.source)
+        now[0] += 0.002  # the target's forward, the same for every arm
+        auto.accepted([0], [2], [1 if draft.source != "ar" else 0])
+    assert chosen[:6] == ["ar", "fast", "slow", "ar", "fast", "slow"]  # interleaved warm-up
+    assert chosen[6:].count("fast") >= 28  # then the best, with a probe of the others now and then
+    assert {"ar", "slow"} <= set(chosen[10:])
