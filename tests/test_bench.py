@@ -49,6 +49,9 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
         "specbatch-ar",
         "specbatch-draft-k4",
         "specbatch-draft-adaptive",
+        "specbatch-ngram",
+        "specbatch-lookahead",
+        "specbatch-auto",
         "specbatch-pipeline",
     }
     assert set(rows[0]) == set(runner.SCHEMA.names)

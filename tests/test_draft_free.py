@@ -43,6 +43,13 @@ def test_prompt_lookup_and_the_learned_table():
     proposer.release(1)
     draft = proposer.propose([1], [[50, 20, 21]], [2], RowSampling([SamplingParams()]))
     assert draft.tokens[0].tolist() == [22]  # (20, 21) -> 22, learned from the other request
+    # Token recycling: the target's top-k after each token it verified, accepted or not.
+    logits = torch.zeros(1, 2, 100)
+    logits[0, 0, 60], logits[0, 1, 61] = 2.0, 2.0  # after 21 the target favours 60; after 22, 61
+    proposer.accepted([1], [3], [0], logits)
+    assert proposer.adjacency[21][0] == 60 and proposer.adjacency[22][0] == 61
+    draft = proposer.propose([1], [[90, 91, 22]], [2], RowSampling([SamplingParams()]))
+    assert draft.tokens[0].tolist() == [61]  # no prompt match, no trigram: the recycled successor
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
@@ -65,18 +72,24 @@ def test_ngram_samples_follow_the_target_distribution(monkeypatch):
         target.lm_head.weight.mul_(40.0)
     # A prompt whose tail recurs, so lookup proposes tokens that p often, but not always, picks.
     prompt, settings = [5, 17, 42, 8, 5, 17], dict(temperature=1.0, top_k=5)
+    assert_samples_follow_the_target(target, prompt, settings, NgramProposer, monkeypatch)
+
+
+def assert_samples_follow_the_target(target, prompt, settings, make_proposer, monkeypatch) -> None:
+    """Tokens 2 and 3 of 4000 seeded samples against the target's exact marginals (chi-square);
+    then the negative control, the rejected token kept in the residual, must be caught."""
     marginals = exact_marginals(target, prompt, settings, depth=3)
 
     def samples():
         requests = [GenerationRequest(str(i), prompt, 4, SamplingParams(seed=i, **settings)) for i in range(4000)]
-        results = run(target, requests, 256, NgramProposer(), FixedPolicy(2))
-        assert sum(r.accepted_tokens for r in results) > 200  # the drafts matter to the outcome
+        results = run(target, requests, 256, make_proposer(), FixedPolicy(2))
+        assert sum(r.accepted_tokens for r in results) > 200  # the proposals matter to the outcome
         return [r.completion_ids for r in results]
 
     good = samples()
     for position in (1, 2):
         assert chi_square_p([s[position] for s in good], marginals[position]) > 1e-3
-    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)  # d not removed on rejection
+    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)  # x not removed on rejection
     bad = samples()
     assert min(chi_square_p([s[position] for s in bad], marginals[position]) for position in (1, 2)) < 1e-3
 
@@ -129,20 +142,8 @@ def test_lookahead_samples_follow_the_target_distribution(monkeypatch):
     # takes the prompt's n-grams) proposes what p often, but not always, picks.
     greedy = run(target, [GenerationRequest("g", [5, 17], 8)], 1)[0].completion_ids
     prompt, settings = [5, 17] + greedy + [5, 17], dict(temperature=1.0, top_k=5)
-    marginals = exact_marginals(target, prompt, settings, depth=3)
-
-    def samples():
-        requests = [GenerationRequest(str(i), prompt, 4, SamplingParams(seed=i, **settings)) for i in range(4000)]
-        results = run(target, requests, 256, LookaheadProposer(window=2, ngram=3, max_candidates=3), FixedPolicy(2))
-        assert sum(r.accepted_tokens for r in results) > 200  # the candidates matter to the outcome
-        return [r.completion_ids for r in results]
-
-    good = samples()
-    for position in (1, 2):
-        assert chi_square_p([s[position] for s in good], marginals[position]) > 1e-3
-    monkeypatch.setattr(verifier_module, "residual_distribution", lambda p, q: p)  # x not removed on rejection
-    bad = samples()
-    assert min(chi_square_p([s[position] for s in bad], marginals[position]) for position in (1, 2)) < 1e-3
+    proposer = lambda: LookaheadProposer(window=2, ngram=3, max_candidates=3)  # noqa: E731
+    assert_samples_follow_the_target(target, prompt, settings, proposer, monkeypatch)
 
 
 # ---------------------------------------------------------------- layer skipping and auto

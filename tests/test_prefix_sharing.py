@@ -10,6 +10,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
+from specbatch.decoding import cascade_attention as cascade_module
 from specbatch.decoding.cascade_attention import CascadeContext, PrefixGroup, cascade_attention
 from specbatch.decoding.prefix_tree import GROUP_OVERHEAD_TOKENS, shared_prefix_lengths
 from specbatch.decoding.speculation import make_speculation
@@ -102,9 +103,13 @@ class _Layer:
     is_causal = True
 
 
-def test_cascade_attention_equals_attention_over_prefix_plus_suffix():
+@pytest.mark.parametrize("fused", [True, False])
+def test_cascade_attention_equals_attention_over_prefix_plus_suffix(fused, monkeypatch):
     """Two groups and an unshared row, GQA, a ragged suffix mask, 3 queries per row: the merged
-    result equals plain SDPA over each row's prefix and suffix keys concatenated."""
+    result equals plain SDPA over each row's prefix and suffix keys concatenated (with PyTorch's
+    fused CPU kernel for the parts, and with the plain tensor ops used elsewhere)."""
+    if not fused:
+        monkeypatch.setattr(cascade_module, "_FUSED_CPU", None)
     g = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, q_len, dim, suffix = 4, 4, 2, 3, 8, 6
     query = torch.randn(batch, heads, q_len, dim, generator=g)

@@ -3,8 +3,9 @@
 hf-generate: transformers `generate` over static, left-padded batches (the naive pipeline).
 hf-generate-batch: transformers continuous batching, `generate_batch` (paged cache).
 hf-assisted: transformers assisted generation with the draft, batch size 1 (its only size).
-specbatch-*: this engine, plain, with a fixed-K draft and with the adaptive policy, sharing
-prefixes as the pipeline plans them; specbatch-ar-unshared computes every prompt in full.
+specbatch-*: this engine, plain, with a fixed-K draft and with the adaptive policy, draft-free
+(n-gram lookup, lookahead) and auto, sharing prefixes as the pipeline plans them;
+specbatch-ar-unshared computes every prompt in full.
 """
 
 from __future__ import annotations
@@ -143,4 +144,7 @@ SYSTEMS = [
     ("specbatch-ar", "ar", specbatch_engine("ar"), None),
     ("specbatch-draft-k4", "draft", specbatch_engine("draft", "fixed", 4), None),
     ("specbatch-draft-adaptive", "draft", specbatch_engine("draft", "adaptive", 6), None),
+    ("specbatch-ngram", "ngram", specbatch_engine("ngram", "fixed", 4), None),
+    ("specbatch-lookahead", "lookahead", specbatch_engine("lookahead", "fixed", 3), None),
+    ("specbatch-auto", "auto", specbatch_engine("auto", "fixed", 3), None),
 ]

@@ -62,26 +62,43 @@ def cascade_attention(
     rep = heads // kv_heads  # query heads per kv head, consecutive (as repeat_kv lays them out)
     scaling = dim**-0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, rep * q_len, dim)
-    scores = (q @ key.transpose(-1, -2)).float() * scaling  # [batch, kv_heads, rep * q, kv_len]
-    if attention_mask is not None:
-        scores = (scores.view(batch, kv_heads, rep, q_len, -1) + attention_mask[:, :, None]).view_as(scores)
-    lse = scores.logsumexp(-1)  # [batch, kv_heads, rep * q]
-    out = ((scores - lse[..., None]).exp().to(value.dtype) @ value).float()  # [batch, kv_heads, rep * q, dim]
+    mask = None if attention_mask is None else attention_mask.repeat(1, 1, rep, 1)  # rows r * q_len + t
+    out, lse = attend(q, key, value, mask, scaling)  # [batch, kv_heads, rep * q, dim], [batch, kv_heads, rep * q]
+    out, lse = out.float(), lse.float()
     layer = module.layer_idx
     for group in specbatch_prefix.groups:
         k_p, v_p = group.keys[layer], group.values[layer]  # [kv_heads, prefix_len, dim]
         rows, n = group.rows, len(group.rows)
-        q_p = q[rows].transpose(0, 1).reshape(kv_heads, n * rep * q_len, dim)
-        s_p = (q_p @ k_p.transpose(-1, -2)).float() * scaling  # [kv_heads, n * rep * q, prefix_len]
-        lse_p = s_p.logsumexp(-1)
-        o_p = ((s_p - lse_p[..., None]).exp().to(v_p.dtype) @ v_p).float()  # [kv_heads, n * rep * q, dim]
-        lse_p = lse_p.view(kv_heads, n, rep * q_len).transpose(0, 1)  # [n, kv_heads, rep * q]
-        o_p = o_p.view(kv_heads, n, rep * q_len, dim).transpose(0, 1)
-        lse_s = lse[rows]
-        total = torch.logaddexp(lse_s, lse_p)
-        out[rows] = out[rows] * (lse_s - total).exp()[..., None] + o_p * (lse_p - total).exp()[..., None]
-    out = out.to(query.dtype).view(batch, heads, q_len, dim)
+        every_row = n == batch  # the common case: one group, no gather or scatter
+        q_g = q if every_row else q[rows]
+        q_p = q_g.transpose(0, 1).reshape(kv_heads, n * rep * q_len, dim)
+        o_p, lse_p = attend(q_p[None], k_p[None], v_p[None], None, scaling)  # over the one stored prefix
+        lse_p = lse_p.float().view(kv_heads, n, rep * q_len).transpose(0, 1)  # [n, kv_heads, rep * q]
+        o_p = o_p.float().view(kv_heads, n, rep * q_len, dim).transpose(0, 1)
+        # The merge: o = o_p + (o_s - o_p) * w_s with w_s = exp(lse_s) / (exp(lse_s) + exp(lse_p)).
+        w_s = torch.sigmoid((lse if every_row else lse[rows]) - lse_p)[..., None]
+        if every_row:
+            out = o_p + (out - o_p) * w_s
+        else:
+            out[rows] = o_p + (out[rows] - o_p) * w_s
+    out = out.to(query.dtype).reshape(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attend(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v and the log-sum-exp of each query's scores.
+    q [b, h, m, d], k and v [b, h, n, d], mask [b, 1, m, n] additive or None -> [b, h, m, d], [b, h, m].
+    On the CPU, PyTorch's fused attention kernel returns both; elsewhere, plain tensor ops."""
+    if q.device.type == "cpu" and _FUSED_CPU is not None:
+        out, lse = _FUSED_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(-1).to(v.dtype) @ v, scores.logsumexp(-1)
+
+
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def supports_cascade(config, max_len: int) -> bool:

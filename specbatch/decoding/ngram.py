@@ -2,9 +2,11 @@
 
 Prompt lookup (as transformers' prompt_lookup_num_tokens and CopySpec do): find the most recent
 earlier occurrence of the row's last n tokens (n = max_ngram down to min_ngram) in its own prompt
-and output, and propose the tokens that followed it. Failing that, a trigram table learned from
-the target's own outputs across every request this proposer has served (offline jobs repeat
-themselves; ADED keeps such a table): chain its most frequent successors.
+and output, and propose the tokens that followed it. Failing that, what the job has taught it, over
+every request this proposer has served (offline jobs repeat themselves): a trigram table of the
+target's own outputs (as ADED keeps), chaining the most frequent successors; and, where the table
+has nothing, a top-k adjacency per token recycled from the target's logits at every position it
+verified, accepted or not (Token Recycling, Luo et al. 2024), chaining the top successor.
 
 Drafts are deterministic, so q is one-hot: the verifier accepts d with probability p(d) and on
 rejection samples from p with d removed, which keeps the target's distribution exactly.
@@ -30,6 +32,9 @@ class NgramProposer:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.table: dict[tuple[int, int], Counter] = defaultdict(Counter)  # (a, b) -> counts of what followed
         self.table_size = table_size
+        self.adjacency: dict[int, list[int]] = {}  # token -> the target's top-k next tokens, last seen
+        self.top_k = 4
+        self._inputs: list[list[int]] = []  # the last step's verified tokens per row
         self.seconds = 0.0
         self.last_forwards: list[tuple[int, int, float]] = []  # always empty: no model runs
         self.scratch_positions = 0
@@ -63,8 +68,13 @@ class NgramProposer:
                 if seq[start : start + n] == tail:
                     return seq[start + n : start + n + k]
         out, a, b = [], seq[-2] if len(seq) > 1 else -1, seq[-1]
-        while len(out) < k and (a, b) in self.table:
-            nxt = self.table[a, b].most_common(1)[0][0]
+        while len(out) < k:
+            if (a, b) in self.table:
+                nxt = self.table[a, b].most_common(1)[0][0]
+            elif b in self.adjacency:
+                nxt = self.adjacency[b][0]
+            else:
+                break
             out.append(nxt)
             a, b = b, nxt
         return out
@@ -75,6 +85,7 @@ class NgramProposer:
         for slot, seq, k in zip(slots, seqs, num_draft):
             self._learn(slot, seq)
             drafts.append(self._lookup(seq, k) if k else [])
+        self._inputs = [[seq[-1]] + d for seq, d in zip(seqs, drafts)]
         width = max(len(d) for d in drafts)
         tokens = torch.zeros(len(slots), width, dtype=torch.long)
         for b, d in enumerate(drafts):
@@ -83,4 +94,14 @@ class NgramProposer:
         return Draft(tokens.to(sampling.device), [len(d) for d in drafts], probs=None)
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int], logits=None) -> None:
-        pass  # nothing to roll back: the table learns only from emitted tokens, at the next propose
+        """Nothing to roll back (the table learns from emitted tokens, at the next propose); recycle
+        the target's top-k after each token it verified this step."""
+        if logits is None or not self._inputs:
+            return
+        t0 = time.perf_counter()
+        top = logits[:, : max(len(x) for x in self._inputs)].topk(self.top_k, dim=-1).indices.tolist()
+        for inputs, row in zip(self._inputs, top):  # [batch][width][top_k]
+            for token, successors in zip(inputs, row):
+                self.adjacency[token] = successors
+        self._inputs = []
+        self.seconds += time.perf_counter() - t0
