@@ -27,6 +27,7 @@ class RowSampling:
         self.top_p = torch.tensor([p.top_p for p in params], device=device)  # [batch]
         self.is_greedy = self.temperature == 0  # [batch]
         self.all_greedy = bool(self.is_greedy.all())
+        self.untruncated = all(p.top_k == 0 and p.top_p >= 1.0 for p in params)
         self.generators = generators or [torch.Generator().manual_seed(p.seed) for p in params]
         self.device = device
 
@@ -37,6 +38,7 @@ class RowSampling:
         sub.temperature, sub.top_k, sub.top_p = self.temperature[index], self.top_k[index], self.top_p[index]
         sub.is_greedy = self.is_greedy[index]
         sub.all_greedy = bool(sub.is_greedy.all())
+        sub.untruncated = self.untruncated
         sub.generators = [self.generators[i] for i in indices]
         sub.device = self.device
         return sub
@@ -57,6 +59,8 @@ def probs_from_logits(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
         return greedy_probs
     temperature = torch.where(rows.is_greedy, 1.0, rows.temperature).view(shape)
     scaled = logits / temperature
+    if rows.untruncated:  # no top-k or top-p anywhere: no sort over the vocabulary
+        return torch.where(rows.is_greedy.view(shape), greedy_probs, scaled.softmax(-1))
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
     top_k = torch.where(rows.top_k > 0, rows.top_k, vocab).view(shape)
