@@ -278,7 +278,8 @@ def plot(table: pa.Table, path: Path) -> None:
             max((r["tokens_per_s"] for r in rows if r["system"] == system and r["workload"] == w), default=0)
             for w in workloads
         ]
-        ax.bar([x + i * width for x in range(len(workloads))], best, width, label=system)
+        color = plt.cm.tab20(i % 20)  # more systems than the default cycle's 10 colours
+        ax.bar([x + i * width for x in range(len(workloads))], best, width, label=system, color=color)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
     ax.set_ylabel("output tokens / s (best batch size)")
     ax.set_title(f"specbatch bench: {rows[0]['model']} on {rows[0]['device']}")
