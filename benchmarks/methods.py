@@ -19,8 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from specbatch.bench.models import load_pair
 from specbatch.decoding import Engine, GenerationRequest
 from specbatch.decoding.speculation import make_speculation
 from specbatch.workers.models import DEMO_MODELS
@@ -60,9 +61,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    target = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo"], dtype=dtype).to(args.device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo-draft"], dtype=dtype).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
+    target, draft = load_pair("demo", args.device, dtype, tok.eos_token_id)
     prompts = load_prompts(tok) * args.repeat
     eos = [tok.eos_token_id]
 

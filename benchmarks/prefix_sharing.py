@@ -18,8 +18,9 @@ import argparse
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from specbatch.bench.models import load_pair
 from specbatch.bench.workloads import held_out_sources
 from specbatch.decoding import Engine, GenerationRequest
 from specbatch.decoding.prefix_tree import shared_prefix_lengths
@@ -47,9 +48,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    target = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo"], dtype=dtype).to(args.device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(DEMO_MODELS["demo-draft"], dtype=dtype).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
+    target, draft = load_pair("demo", args.device, dtype, tok.eos_token_id)
     prompts = workload(tok, args.groups, args.members)
     planned = shared_prefix_lengths(prompts)
     c = target.config

@@ -32,6 +32,19 @@ def run(model, requests, batch, proposer=None, policy=None):
     return Engine(model, [EOS], batch, proposer=proposer, policy=policy).generate(requests)
 
 
+def assert_greedy_equals_plain(model, batch_size, speculations) -> list[GenerationRequest]:
+    """Repetitive and random prompts with ragged token limits: every (proposer, policy) gives
+    plain decoding's tokens and finish reasons. Returns the requests."""
+    prompts = repetitive_prompts(16, seed=batch_size) + random_prompts(8, seed=30)
+    requests = [GenerationRequest(str(i), p, 3 + i % 11) for i, p in enumerate(prompts)]
+    reference = run(model, requests, batch_size)
+    for proposer, policy in speculations:
+        results = run(model, requests, batch_size, proposer, policy)
+        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
+    return requests
+
+
 def test_prompt_lookup_and_the_learned_table():
     proposer = NgramProposer(max_ngram=2)
     proposer.start(num_slots=2, capacity=64)
@@ -55,13 +68,8 @@ def test_prompt_lookup_and_the_learned_table():
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_greedy_ngram_equals_plain_decoding(batch_size):
     model = tiny_llama(seed=4)
-    prompts = repetitive_prompts(16, seed=batch_size) + random_prompts(8, seed=30)
-    requests = [GenerationRequest(str(i), p, 3 + i % 11) for i, p in enumerate(prompts)]
-    reference = run(model, requests, batch_size)
-    for policy in (FixedPolicy(4), GoodputPolicy(max_k=5)):
-        results = run(model, requests, batch_size, NgramProposer(), policy)
-        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
-        assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
+    speculations = [(NgramProposer(), FixedPolicy(4)), (NgramProposer(), GoodputPolicy(max_k=5))]
+    requests = assert_greedy_equals_plain(model, batch_size, speculations)
     fixed = run(model, requests, batch_size, NgramProposer(), FixedPolicy(4))
     assert sum(r.drafted_tokens for r in fixed) > 0
 
@@ -123,13 +131,8 @@ def test_lookahead_window_layout_and_pool():
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_greedy_lookahead_equals_plain_decoding(batch_size):
     model = tiny_llama(seed=4)
-    prompts = repetitive_prompts(16, seed=batch_size) + random_prompts(8, seed=30)
-    requests = [GenerationRequest(str(i), p, 3 + i % 11) for i, p in enumerate(prompts)]
-    reference = run(model, requests, batch_size)
-    for proposer, policy in ((LookaheadProposer(), FixedPolicy(3)), (LookaheadProposer(2, 3, 6), GoodputPolicy(2))):
-        results = run(model, requests, batch_size, proposer, policy)
-        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
-        assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
+    speculations = [(LookaheadProposer(), FixedPolicy(3)), (LookaheadProposer(2, 3, 6), GoodputPolicy(2))]
+    requests = assert_greedy_equals_plain(model, batch_size, speculations)
     fixed = run(model, requests, batch_size, LookaheadProposer(), FixedPolicy(3))
     assert sum(r.accepted_tokens for r in fixed) > 0
 

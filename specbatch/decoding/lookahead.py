@@ -46,6 +46,7 @@ class LookaheadProposer:
         levels, width = ngram - 1, (ngram - 1) * window
         # The window's layout, the same for every row: level k, column j at index k * W + j.
         self.window_depth = torch.tensor([1 + j + k for k in range(levels) for j in range(window)])
+        self._causal = torch.ones(ngram - 1, ngram - 1, dtype=torch.bool).tril()
         self.window_visible = torch.zeros(width, width, dtype=torch.bool)
         for k in range(levels):
             for j in range(window):
@@ -116,9 +117,9 @@ class LookaheadProposer:
             tokens[b, : len(t)], depth[b, : len(d)] = torch.tensor(t, dtype=torch.long), torch.tensor(d)
             if t:
                 visible[b, :window_width, :window_width] = self.window_visible
-            for chain in candidates:  # each candidate sees itself up to each token
-                for i, node in enumerate(chain):
-                    visible[b, node - 1, [c - 1 for c in chain[: i + 1]]] = True
+            for chain in candidates:  # a candidate is a causal chain of consecutive chunk tokens
+                first, n = chain[0] - 1, len(chain)
+                visible[b, first : first + n, first : first + n] = self._causal[:n, :n]
         device = sampling.device
         tree = DraftTree(
             tokens.to(device),

@@ -205,6 +205,8 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
     (errors,) = con.execute("select count(*) from errors").fetchone()
     new_tokens = sum(s.completion_tokens for s in report.summaries)
     shards = [e["summary"] for e in out.manifest() if e["unit"] != PLAN and not e["summary"].get("failed")]
+    prompt_tokens = sum(s.get("prompt_tokens", 0) for s in shards)
+    prefill_tokens = sum(s.get("prefill_tokens", 0) for s in shards)
     out.write_runs(
         {
             "run_id": run["run_id"],
@@ -218,8 +220,8 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
             "num_shards": len(plan.shards),
             "num_generations": generated,
             "num_errors": errors,
-            "prompt_tokens": sum(s.get("prompt_tokens", 0) for s in shards),
-            "prefill_tokens": sum(s.get("prefill_tokens", 0) for s in shards),
+            "prompt_tokens": prompt_tokens,
+            "prefill_tokens": prefill_tokens,
             "peak_kv_bytes": max((s.get("peak_kv_bytes", 0) for s in shards), default=0),
             "invocations": run["invocations"],
             "created_at": datetime.fromisoformat(run["created_at"]),
@@ -237,8 +239,7 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
         "failed_shards": len(report.failed_shards),
         "retries": report.retries,
         "completion_tokens": tokens,
-        "prefill_tokens_computed": f"{sum(s.get('prefill_tokens', 0) for s in shards)} of "
-        f"{sum(s.get('prompt_tokens', 0) for s in shards)} prompt tokens",
+        "prefill_tokens_computed": f"{prefill_tokens} of {prompt_tokens} prompt tokens",
         "seconds_this_invocation": round(seconds, 2),
         "tokens_per_second_this_invocation": round(new_tokens / seconds, 1) if seconds else None,
     }
