@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from specbatch.bench.models import load_pair
 from specbatch.decoding import Engine, GenerationRequest
-from specbatch.decoding.speculation import make_speculation
+from specbatch.decoding.methods import make_speculation
 from specbatch.workers.models import DEMO_MODELS
 
 PROMPTS = Path(__file__).resolve().parents[1] / "specbatch" / "data" / "demo_prompts.jsonl"

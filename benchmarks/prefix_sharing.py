@@ -23,8 +23,8 @@ from transformers import AutoTokenizer
 from specbatch.bench.models import load_pair
 from specbatch.bench.workloads import held_out_sources
 from specbatch.decoding import Engine, GenerationRequest
+from specbatch.decoding.methods import make_speculation
 from specbatch.decoding.prefix_tree import shared_prefix_lengths
-from specbatch.decoding.speculation import make_speculation
 from specbatch.workers.models import DEMO_MODELS
 
 PREFIX, OWN = 360, 40

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .decoding.methods import METHODS
 from .errors import SpecbatchError
-from .workers.config import METHODS
 
 DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "demo_prompts.jsonl"
 
@@ -32,9 +32,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
         "--method",
         default="ar",
         choices=list(METHODS),
-        help="ar: plain; draft: speculative with a draft model; draft-free: ngram (prompt lookup and a learned "
-        "table), lookahead (Jacobi window and n-gram pool), layerskip (the target's own first layers draft); "
-        "auto: chooses among them step by step from measured speed",
+        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()),
     )
     p.add_argument(
         "--draft", default=None, help="draft model for --method draft (default with the demo target: the demo draft)"
@@ -68,6 +66,14 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-decode N requests (chosen deterministically) with transformers' greedy generate and record "
+        "whether each output matched, in the verification table (default 0)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +135,7 @@ def cmd_run(args, input_path: str) -> dict:
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
         draft_policy=args.draft_policy,
+        verify=args.verify,
     )
     check_run(params)  # fail fast, in one line, before Prefect and Ray start
     from dataclasses import asdict

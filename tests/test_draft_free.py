@@ -13,9 +13,9 @@ from specbatch.decoding.auto import AutoProposer
 from specbatch.decoding.draft_policy import FixedPolicy, GoodputPolicy
 from specbatch.decoding.layerskip import default_layers, skip_layers_view
 from specbatch.decoding.lookahead import LookaheadProposer
+from specbatch.decoding.methods import make_speculation
 from specbatch.decoding.ngram import NgramProposer
 from specbatch.decoding.sampling import RowSampling
-from specbatch.decoding.speculation import make_speculation
 from specbatch.decoding.verifier import Draft
 
 from .conftest import EOS, random_prompts, tiny_llama

@@ -330,3 +330,26 @@ def test_n_samples_per_prompt(prefect_server, ray_cluster, prompts_file, tmp_pat
         "select request_id, count(*) filter (cached_prefix_tokens > 0) from requests group by 1"
     ).fetchall()
     assert {n for _, n in reading} <= {0, 3} and sum(n for _, n in reading) >= 3 * (len(GOOD) - 1)
+
+
+def test_verify_compares_requests_with_transformers_generate(finished_run, prompts_file, tmp_path, caplog):
+    """--verify 3 with lookahead: three requests re-decoded by transformers' generate, each a
+    `match` row; a mismatch (planted here, as a wrong method would produce) is a warning and in
+    the summary, never a silent pass."""
+    import pyarrow as pa
+
+    from specbatch.storage import OutputDir
+    from specbatch.storage.schema import VERIFICATION
+
+    summary = run_flow(prompts_file, tmp_path, method="lookahead", verify=3)
+    con = connect(tmp_path)
+    assert con.execute("select status, count(*) from verification group by 1").fetchall() == [("match", 3)]
+    assert con.execute("select verified_requests, verification_mismatches from runs").fetchone() == (3, 0)
+    assert summary["verified"] == "3 of 3 match plain greedy decoding"
+    planted = {"request_id": "add", "sample_index": 0, "status": "mismatch", "first_difference": 4}
+    OutputDir(tmp_path).write_unit("planted", {"verification": pa.Table.from_pylist([planted], schema=VERIFICATION)})
+    with caplog.at_level("WARNING", logger="specbatch"):
+        again = run_flow(prompts_file, tmp_path, method="lookahead", verify=3)
+    assert again["verification_mismatches"] == ["add#0"] and again["verified"].startswith("3 of 4 match")
+    assert "1 of 4 re-decoded requests differ" in caplog.text
+    assert connect(tmp_path).execute("select verification_mismatches from runs").fetchone() == (1,)

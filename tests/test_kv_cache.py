@@ -17,7 +17,7 @@ def test_ragged_rows_write_at_their_own_positions():
     cache = make_cache()
     cache.commit(0, 5)
     cache.commit(2, 2)
-    position_ids, visible = cache.bind([2, 0], q_len=3)
+    position_ids, visible, _ = cache.bind([2, 0], q_len=3)
     assert position_ids.tolist() == [[2, 3, 4], [5, 6, 7]]
     key = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1).expand(2, 1, 3, 4)
     k, _ = cache.update(key, key.clone(), 0)
@@ -35,6 +35,6 @@ def test_rollback_is_not_committing():
     cache.bind([0], q_len=3)  # e.g. a verify step with two draft tokens
     cache.update(torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4), 0)
     cache.commit(0, 1)  # only the first one is kept
-    position_ids, visible = cache.bind([0], q_len=1)
+    position_ids, visible, _ = cache.bind([0], q_len=1)
     assert position_ids.tolist() == [[5]]
     assert visible[0, 0, 0].tolist() == [True] * 6  # positions 0..5: the stale 6th is hidden

@@ -12,8 +12,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import cascade_attention as cascade_module
 from specbatch.decoding.cascade_attention import CascadeContext, PrefixGroup, cascade_attention
+from specbatch.decoding.methods import make_speculation
 from specbatch.decoding.prefix_tree import GROUP_OVERHEAD_TOKENS, shared_prefix_lengths
-from specbatch.decoding.speculation import make_speculation
 
 from .conftest import EOS, random_prompts, tiny_llama
 
@@ -123,7 +123,9 @@ def test_cascade_attention_equals_attention_over_prefix_plus_suffix(fused, monke
     prefixes = [(torch.randn(kv_heads, 7, dim, generator=g), torch.randn(kv_heads, 7, dim, generator=g)) for _ in "ab"]
     rows_of = {0: [0, 2], 1: [1]}  # row 3 reads no prefix
     context = CascadeContext(
-        [PrefixGroup(torch.tensor(r), [prefixes[i][0]], [prefixes[i][1]]) for i, r in rows_of.items()]
+        [PrefixGroup(torch.tensor(r), [prefixes[i][0]], [prefixes[i][1]]) for i, r in rows_of.items()],
+        positions=torch.zeros(batch, q_len, dtype=torch.long),  # read for sliding windows only
+        windows=(None,),
     )
     out, _ = cascade_attention(_Layer(), query, keys, values, mask, scaling=dim**-0.5, specbatch_prefix=context)
     for b in range(batch):

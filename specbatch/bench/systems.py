@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding import Engine, GenerationRequest, SamplingParams
+from ..decoding.methods import make_speculation
 from ..decoding.prefix_tree import shared_prefix_lengths
-from ..decoding.speculation import make_speculation
 from .workloads import Workload
 
 

@@ -197,11 +197,10 @@ class Engine:
 
     def _prefix_keys(self, requests: list[GenerationRequest]) -> list[tuple[int, ...] | None]:
         """Each request's shared prefix tokens, or None: a prefix only one request of this run
-        carries is not shared, nor is any where cascade attention does not apply."""
+        carries is not shared, nor is any where the model cannot read a prefix through cascade attention."""
         keys = [tuple(r.prompt_ids[: r.prefix_len]) if r.prefix_len else None for r in requests]
         counts = Counter(keys)
-        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-        if not supports_cascade(self.model.config, longest):
+        if not any(keys) or not supports_cascade(self.model):
             return [None] * len(requests)
         return [k if k is not None and counts[k] > 1 else None for k in keys]
 

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .architecture import attention_layout, cache_argument
 from .cascade_attention import CascadeContext, PrefixGroup, cascade_attention_on
 from .kv_cache import SlotKVCache
 from .shared_prefix import SharedPrefix
@@ -20,11 +21,6 @@ def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return ids.to(device), lengths
-
-
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(visible.shape, device=visible.device, dtype=dtype)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def forward_slots(
@@ -41,7 +37,9 @@ def forward_slots(
     into the cache; commits nothing. Computes the model's KV of any shared prefix the rows read
     and that it lacks. tree: (depth, visible) of a tree forward, see SlotKVCache.bind."""
     dtype = next(model.parameters()).dtype
-    position_ids, visible = cache.bind(slots, input_ids.shape[1], num_real, tree)
+    layout = attention_layout(model.config)
+    position_ids, visible, key_positions = cache.bind(slots, input_ids.shape[1], num_real, tree)
+    mask = layout.masks(visible, position_ids, key_positions, dtype)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:  # only padded queries can reach past the context; keep them in range
         position_ids = position_ids.clamp(max=max_positions - 1)
@@ -51,17 +49,19 @@ def forward_slots(
         prefill_prefixes(model, [p for _, p in groups if model not in p.kv])
         device = input_ids.device
         extra["specbatch_prefix"] = CascadeContext(
-            [PrefixGroup(torch.tensor(rows, device=device), *p.kv[model]) for rows, p in groups]
+            [PrefixGroup(torch.tensor(rows, device=device), *p.kv[model]) for rows, p in groups],
+            position_ids,
+            layout.windows,
         )
         attention = cascade_attention_on(model)
     with attention:
         out = model(
             input_ids=input_ids,
-            attention_mask=additive_mask(visible, dtype),
+            attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=0 if logits_at is None else logits_at,
+            **{cache_argument(model): cache},
             **extra,
         )
     return out.logits
@@ -109,13 +109,16 @@ def prefill_prefixes(model, prefixes: list[SharedPrefix]) -> int:
     positions = torch.arange(width, device=device)
     visible = positions[None, :] <= positions[:, None]  # causal [q, kv]; padded queries are discarded
     writer = _PrefixWriter(lengths.tolist())
+    rows = positions[None].expand(len(prefixes), width)
     model(
         input_ids=ids,
-        attention_mask=additive_mask(visible[None, None].expand(len(prefixes), 1, width, width), dtype),
-        position_ids=positions[None].expand(len(prefixes), width),
-        past_key_values=writer,
+        attention_mask=attention_layout(model.config).masks(
+            visible[None, None].expand(len(prefixes), 1, width, width), rows, rows, dtype
+        ),
+        position_ids=rows,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_argument(model): writer},
     )
     # Indexed by each attention layer's layer_idx (a layer-skipping view runs only some of them).
     layers = range(max(writer.keys) + 1)

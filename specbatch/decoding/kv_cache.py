@@ -92,13 +92,15 @@ class SlotKVCache:
         q_len: int,
         num_real: list[int] | None = None,
         tree: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prepare a forward of `q_len` new positions for each of `slots`, of which the first
         num_real[b] are real tokens (all, by default) and the rest right padding. A tree forward
         (depth [batch, q_len]: each token's position after the first; visible [batch, q_len, q_len])
         places and masks the new tokens as given instead of as one causal chain.
-        Returns (position_ids [batch, q_len], visible [batch, 1, q_len, kv_len]) where kv_len spans
-        the slots' own tokens (a shared prefix is attended to separately, and always visible)."""
+        Returns (position_ids [batch, q_len], visible [batch, 1, q_len, kv_len], key_positions
+        [batch, kv_len]) where kv_len spans the slots' own tokens (a shared prefix is attended to
+        separately) and positions are absolute (a shared prefix's length included), for sliding
+        windows."""
         num_real = num_real or [q_len] * len(slots)
         starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)  # [batch]
         kv_len = max(self.lengths[s] + n for s, n in zip(slots, num_real))
@@ -117,15 +119,19 @@ class SlotKVCache:
         # kv_len (finite values, outputs discarded); key 0 is always visible, so no query is
         # ever fully masked.
         offsets = torch.tensor([self.offset(s) for s in slots], device=self.device)
+        key_positions = key_pos[None, :] + offsets[:, None]  # [batch, kv_len]
         if tree is None:
             visible = key_pos[None, None, :] <= self._write_pos[:, :, None]  # [batch, q_len, kv_len]
-            return self._write_pos + offsets[:, None], visible[:, None]
+            return self._write_pos + offsets[:, None], visible[:, None], key_positions
         depth, chunk_visible = tree
         rel = key_pos[None, :] - starts[:, None]  # [batch, kv_len]: index of each key in the chunk
         in_chunk = (rel >= 0) & (rel < q_len)
         index = rel.clamp(0, q_len - 1)[:, None, :].expand(len(slots), q_len, kv_len)
         visible = (rel < 0)[:, None, :] | (in_chunk[:, None, :] & chunk_visible.gather(2, index))
-        return starts[:, None] + offsets[:, None] + depth, visible[:, None]
+        # A chunk key sits where the tree placed it, not at its index in the chunk.
+        placed = starts[:, None] + offsets[:, None] + depth.gather(1, rel.clamp(0, q_len - 1))
+        key_positions = torch.where(in_chunk, placed, key_positions)
+        return starts[:, None] + offsets[:, None] + depth, visible[:, None], key_positions
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key, value [batch, kv_heads, q_len, head_dim] -> the rows' caches [batch, kv_heads, kv_len, head_dim]."""

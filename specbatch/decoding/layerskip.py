@@ -16,18 +16,8 @@ import copy
 
 from torch import nn
 
+from .architecture import decoder_layers, find_decoder_layers
 from .proposer import DraftModelProposer
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"layer skipping needs a decoder-only model with model.model.layers (Llama, Qwen, Mistral...); "
-            f"{type(model).__name__} has none"
-        )
-    return layers
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -35,17 +25,33 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def skip_layers_view(model, keep: list[int]):
-    """The same model with only the decoder layers `keep` (in order); every weight is shared."""
+    """The same model with only the decoder layers `keep` (in order); every weight is shared.
+    The modules on the path to the layer list are shallow copies; the one holding the list gets
+    a config whose per-layer fields (layer_types) list the kept layers, since models look a
+    layer's mask up by its place in the loop. Each kept layer keeps its layer_idx, so it reads
+    and writes its own slot of a full-size cache."""
     layers = decoder_layers(model)
     if not keep or sorted(set(keep)) != list(keep) or keep[-1] >= len(layers) or keep[0] < 0:
         raise ValueError(f"layers to keep must be increasing indices into {len(layers)} layers, got {keep}")
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    inner = copy.copy(model.model)
-    inner._modules = dict(model.model._modules)
-    inner._modules["layers"] = nn.ModuleList([layers[i] for i in keep])
-    view._modules["model"] = inner
+    *parents, name = find_decoder_layers(model)
+    view = _shallow(model)
+    holder = view
+    for attr in parents:
+        child = _shallow(holder._modules[attr])
+        holder._modules[attr] = child
+        holder = child
+    holder._modules[name] = nn.ModuleList([layers[i] for i in keep])
+    config = getattr(holder, "config", None)
+    if config is not None and getattr(config, "layer_types", None):
+        holder.config = copy.copy(config)
+        holder.config.layer_types = [config.layer_types[i] for i in keep]
     return view
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    return clone
 
 
 class LayerSkipProposer(DraftModelProposer):

@@ -76,7 +76,7 @@ class DraftModelProposer:
         self.cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
 
     def admit(self, slot: int, prefix: SharedPrefix | None) -> None:
-        if prefix is not None and not supports_cascade(self.model.config, len(prefix) + self.cache.capacity):
+        if prefix is not None and not supports_cascade(self.model):
             prefix = None
         self.cache.reset(slot, prefix)
 

@@ -22,6 +22,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from ..decoding.architecture import UnsupportedModel, attention_layout
+from ..decoding.methods import METHODS, applies
 from ..errors import SpecbatchError
 from ..storage import OutputDir, connect
 from ..storage.output import PLAN
@@ -35,6 +37,7 @@ from ..workers.models import (
     load_tokenizer,
     resolve_dtype,
     resolve_model,
+    skeleton,
 )
 from ..workers.pool import DispatchReport, WorkerPool
 from .inputs import file_sha256, read_prompts
@@ -66,10 +69,11 @@ class RunParams:
     draft: str | None = None
     num_draft_tokens: int = 4
     draft_policy: str = "adaptive"
+    verify: int = 0  # requests re-decoded by transformers' generate to check the method's output
 
     def resolved_draft(self) -> str | None:
         """The draft model: --draft, or the demo draft with the demo target; auto uses it where there is one."""
-        if self.method not in ("draft", "auto"):
+        if self.method not in METHODS or not METHODS[self.method].uses_draft:
             return None
         return resolve_model(self.draft) if self.draft else default_draft(resolve_model(self.model))
 
@@ -117,11 +121,23 @@ def check_run(params: RunParams) -> dict:
         raise SpecbatchError(f"input file {params.input!r} does not exist")
     if params.n < 1:
         raise SpecbatchError(f"--n (samples per prompt) must be >= 1, got {params.n}")
+    if params.verify < 0:
+        raise SpecbatchError(f"--verify (requests to re-decode) must be >= 0, got {params.verify}")
     try:
         config = params.worker_config()
     except ValueError as e:
         raise SpecbatchError(str(e)) from e
-    load_config(config.model)
+    model_config = load_config(config.model)
+    try:  # attention variants the engine cannot reproduce exactly are refused here, from the config
+        attention_layout(model_config)
+    except UnsupportedModel as e:
+        raise SpecbatchError(str(e)) from e
+    target = skeleton(model_config)
+    if target is not None and (reason := applies(METHODS[params.method], target, config.draft)) is not None:
+        raise SpecbatchError(
+            f"--method {params.method} does not apply to model {params.model!r}: {reason}; "
+            f"use another --method ({', '.join(m for m in METHODS if m != params.method)})"
+        )
     if config.draft is not None:
         check_same_vocabulary(config.model, config.draft)
     identity = params.identity()
@@ -161,6 +177,7 @@ def plan(params: RunParams) -> Plan:
         params.seed,
         num_samples=params.n,
         share_prefixes=params.prefix_sharing,
+        verify=params.verify,
     )
     get_run_logger().info(
         "planned %d requests in %d shards; %d rows rejected",
@@ -207,6 +224,7 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
     shards = [e["summary"] for e in out.manifest() if e["unit"] != PLAN and not e["summary"].get("failed")]
     prompt_tokens = sum(s.get("prompt_tokens", 0) for s in shards)
     prefill_tokens = sum(s.get("prefill_tokens", 0) for s in shards)
+    verified, mismatched = verification_summary(con)
     out.write_runs(
         {
             "run_id": run["run_id"],
@@ -223,6 +241,8 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
             "prompt_tokens": prompt_tokens,
             "prefill_tokens": prefill_tokens,
             "peak_kv_bytes": max((s.get("peak_kv_bytes", 0) for s in shards), default=0),
+            "verified_requests": verified,
+            "verification_mismatches": len(mismatched),
             "invocations": run["invocations"],
             "created_at": datetime.fromisoformat(run["created_at"]),
             "finished_at": _now(),
@@ -243,6 +263,20 @@ def finalize(params: RunParams, run: dict, plan: Plan, report: DispatchReport, s
         "seconds_this_invocation": round(seconds, 2),
         "tokens_per_second_this_invocation": round(new_tokens / seconds, 1) if seconds else None,
     }
+    if params.verify:
+        (not_compared,) = con.execute("select count(*) from verification where status = 'not_compared'").fetchone()
+        summary["verified"] = f"{verified - len(mismatched)} of {verified} match plain greedy decoding" + (
+            f"; {not_compared} sampled, not compared token by token" if not_compared else ""
+        )
+        if mismatched:
+            summary["verification_mismatches"] = mismatched
+            logging.getLogger("specbatch").warning(
+                "--verify: %d of %d re-decoded requests differ from transformers' greedy generate: %s "
+                "(see the verification table)",
+                len(mismatched),
+                verified,
+                ", ".join(mismatched[:10]),
+            )
     create_table_artifact(
         table=[{"metric": k, "value": str(v)} for k, v in summary.items()],
         key="specbatch-run-summary",
@@ -273,6 +307,7 @@ def generate(
     draft: str | None = None,
     num_draft_tokens: int = 4,
     draft_policy: str = "adaptive",
+    verify: int = 0,
 ) -> dict:
     """Generate completions for every row of `input` into the folder `out`."""
     params = RunParams(**locals())  # the flow parameters are exactly RunParams' fields
@@ -286,6 +321,15 @@ def generate(
     output.write_unit("plan", {"errors": _errors_table(the_plan)})
     report, seconds = dispatch(the_plan, params, output)
     return finalize(params, run, the_plan, report, seconds, output)
+
+
+def verification_summary(con) -> tuple[int, list[str]]:
+    """(requests compared token by token, ids of those that differed)."""
+    rows = con.execute(
+        "select request_id || '#' || sample_index, status from verification "
+        "where status in ('match', 'mismatch') order by request_id, sample_index"
+    ).fetchall()
+    return len(rows), [key for key, status in rows if status == "mismatch"]
 
 
 def _errors_table(plan: Plan) -> pa.Table:

@@ -37,6 +37,12 @@ def request_seed(run_seed: int, request_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def verify_order(request_id: str, sample_index: int) -> bytes:
+    """--verify N checks the N requests that come first in this order: spread over the job, the
+    same for the same input whatever the shard size or batch."""
+    return hashlib.sha256(f"verify\x00{request_id}\x00{sample_index}".encode()).digest()
+
+
 def render_prompt(row: InputRow, tokenizer) -> tuple[str, list[int]]:
     """The prompt text and its token ids. Raises ValueError with a reason for an error row."""
     if row.messages is not None:
@@ -57,6 +63,7 @@ def plan_shards(
     seed: int,
     num_samples: int = 1,
     share_prefixes: bool = True,
+    verify: int = 0,
 ) -> Plan:
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -90,6 +97,8 @@ def plan_shards(
             for i in range(num_samples)
         )
     requests.sort(key=lambda r: (r.prompt_ids, r.input_index, r.sample_index))
+    for r in sorted(requests, key=lambda r: verify_order(r.request_id, r.sample_index))[:verify]:
+        r.verify = True
     if share_prefixes:
         for r, n in zip(requests, shared_prefix_lengths([r.prompt_ids for r in requests])):
             r.prefix_len = n

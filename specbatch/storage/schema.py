@@ -65,6 +65,21 @@ ERRORS = pa.schema(
     ]
 )
 
+VERIFICATION = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("shard_id", pa.string()),
+        ("method", pa.string()),
+        ("status", pa.string()),  # "match", "mismatch", or "not_compared" (sampled: no token-by-token reference)
+        ("reference", pa.string()),  # what the output was compared with: "transformers.generate (greedy)"
+        ("completion_tokens", pa.int32()),  # the method's output
+        ("reference_tokens", pa.int32()),  # the reference's output; null when not compared
+        ("first_difference", pa.int32()),  # index of the first differing token; null unless a mismatch
+        ("worker", pa.string()),
+    ]
+)
+
 RUNS = pa.schema(
     [
         ("run_id", pa.string()),
@@ -81,6 +96,8 @@ RUNS = pa.schema(
         ("prompt_tokens", pa.int64()),  # prompt tokens of every generated request
         ("prefill_tokens", pa.int64()),  # of those, run through the target: a shared prefix counts once per shard
         ("peak_kv_bytes", pa.int64()),  # the target's KV cache at its largest, in any one shard
+        ("verified_requests", pa.int64()),  # requests re-decoded by --verify (status match or mismatch)
+        ("verification_mismatches", pa.int64()),  # of those, how many differ from the reference
         ("invocations", pa.int32()),  # how many times the run was started (resumes + 1)
         ("created_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
@@ -92,5 +109,6 @@ TABLES: dict[str, pa.Schema] = {
     "requests": REQUESTS,
     "steps": STEPS,
     "errors": ERRORS,
+    "verification": VERIFICATION,
     "runs": RUNS,
 }

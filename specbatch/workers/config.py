@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("ar", "draft", "ngram", "lookahead", "layerskip", "auto")  # decoding/speculation.py builds them
+from ..decoding.methods import METHODS
+
 DRAFT_POLICIES = ("fixed", "adaptive")
 
 
@@ -26,8 +27,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.method == "draft" and not self.draft:
-            raise ValueError("method 'draft' needs a draft model (--draft)")
+        if METHODS[self.method].needs_draft and not self.draft:
+            raise ValueError(f"method {self.method!r} needs a draft model (--draft)")
         if self.draft_policy not in DRAFT_POLICIES:
             raise ValueError(f"unknown draft policy {self.draft_policy!r}; choose from {', '.join(DRAFT_POLICIES)}")
         if not 1 <= self.num_draft_tokens <= 16:

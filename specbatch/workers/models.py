@@ -56,6 +56,19 @@ def load_config(model: str):
         raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}") from e
 
 
+def skeleton(config):
+    """The model's module tree on the meta device: no weights, nothing computed, seconds for any
+    size; enough to check which methods apply before any worker starts. None where the model
+    cannot be built that way (the worker then checks the loaded model)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
+
+
 def context_length(config) -> int:
     return getattr(config, "max_position_embeddings", None) or 1 << 30
 

@@ -15,6 +15,7 @@ class ShardRequest:
     seed: int
     sample_index: int = 0
     prefix_len: int = 0  # leading tokens shared with its prefix group (0: none), see prefix_tree.py
+    verify: bool = False  # re-decode with plain greedy decoding and record whether the output matched (--verify)
 
 
 @dataclass

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
-from ..decoding.speculation import make_speculation
+from ..decoding.methods import make_speculation
 from ..storage import OutputDir
-from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS
+from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS, VERIFICATION
 from .config import WorkerConfig
-from .models import check_same_vocabulary, eos_token_ids, load_model, load_tokenizer, resolve_dtype
+from .models import check_same_vocabulary, context_length, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from .shard import Shard, ShardRequest
+from .verify import verification_rows
 
 
 @dataclass
@@ -47,9 +48,10 @@ class ShardRunner:
         proposer, policy = make_speculation(
             config.method, self.model, draft, config.draft_policy, config.num_draft_tokens, config.draft_confidence
         )
+        self.eos = eos_token_ids(self.model, self.tokenizer)
         self.engine = Engine(
             self.model,
-            eos_token_ids(self.model, self.tokenizer),
+            self.eos,
             max_batch_size=config.batch_size,
             proposer=proposer,
             policy=policy,
@@ -77,6 +79,18 @@ class ShardRunner:
         results = self.engine.generate([self._engine_request(r) for r in shard.requests], on_result=counted)
         texts = self.tokenizer.batch_decode([r.completion_ids for r in results], skip_special_tokens=True)
         tables = self.tables(shard, results, texts, attempt)
+        verified = verification_rows(
+            self.model,
+            shard.requests,
+            results,
+            self.eos,
+            context_length(self.model.config),
+            greedy=self.config.temperature == 0,
+            shard_id=shard.shard_id,
+            method=self.config.method,
+            worker=self.worker,
+        )
+        tables["verification"] = pa.Table.from_pylist(verified, schema=VERIFICATION)
         summary = ShardSummary(
             shard_id=shard.shard_id,
             num_requests=len(results),
