@@ -104,9 +104,11 @@ def build(name: str, seed: int = 0, **overrides):
     config = CONFIGS[name]()
     for key, value in overrides.items():
         setattr(config, key, value)
+    # Soft-capping needs eager attention: transformers' SDPA path drops it (5.0 defaults Gemma 2 to SDPA).
+    kwargs = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. gpt-oss's YaRN defaults on a tiny context
-        return T.AutoModelForCausalLM.from_config(config).eval()
+        return T.AutoModelForCausalLM.from_config(config, **kwargs).eval()
 
 
 def make_prompts() -> tuple[list[list[int]], int]:

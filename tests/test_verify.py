@@ -51,8 +51,8 @@ def test_each_checked_request_is_a_match_a_mismatch_or_not_compared():
 
 
 def test_a_model_whose_attention_cannot_be_exact_is_refused_before_anything_starts(tmp_path):
-    from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path / "bloom"
     BloomForCausalLM(BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(folder)

@@ -13,6 +13,7 @@ before any weights load: chunked or linear attention layers, state-space layers,
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -87,7 +88,12 @@ def attention_layout(config) -> AttentionLayout:
 def cache_argument(model) -> str:
     """The name the model's forward gives its KV cache: `cache` in newer transformers,
     `past_key_values` before (where `cache` is not yet a parameter)."""
-    parameters = inspect.signature(model.forward).parameters
+    return _cache_argument(type(model))
+
+
+@functools.cache
+def _cache_argument(model_class) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

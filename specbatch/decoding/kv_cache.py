@@ -25,6 +25,8 @@ from .shared_prefix import SharedPrefix
 
 
 class SlotKVCache:
+    is_compileable = False  # read by some models' mask code; this cache is never torch.compile'd
+
     def __init__(self, config, num_slots: int, capacity: int, device, dtype: torch.dtype) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

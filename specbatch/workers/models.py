@@ -76,8 +76,12 @@ def context_length(config) -> int:
 def load_model(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
+    # Logit soft-capping (Gemma 2) is computed by eager attention only: transformers' SDPA path
+    # drops it, and transformers 5.0 defaults Gemma 2 to SDPA.
+    softcap = getattr(load_config(model), "attn_logit_softcapping", None)
+    options = {"attn_implementation": "eager"} if softcap else {}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **options)
     except Exception as e:
         raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}") from e
     return lm.to(device).eval()
