@@ -25,7 +25,10 @@ from specbatch.decoding.architecture import (
 from specbatch.decoding.cascade_attention import supports_cascade
 from specbatch.decoding.methods import METHODS, applies, make_speculation
 
-VOCAB, EOS, WINDOW, NEW_TOKENS = 300, 299, 16, 8
+from .conftest import EOS, VOCAB
+from .test_engine import hf_greedy
+
+WINDOW, NEW_TOKENS = 16, 8
 COMMON = dict(vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS, initializer_range=0.1)
 MIXED = ["sliding_attention", "full_attention"]
 
@@ -121,20 +124,6 @@ def make_prompts() -> tuple[list[list[int]], int]:
     return grouped + alone, len(shared)
 
 
-def hf_greedy(model, prompt: list[int]) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-    )
-    tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(EOS)] if EOS in tokens else tokens
-
-
 @pytest.fixture(scope="module")
 def arch(request):
     """(model, a one-layer draft of the same architecture, prompts, shared length, generate's outputs)."""
@@ -143,7 +132,7 @@ def arch(request):
     if getattr(draft.config, "layer_types", None):
         draft.config.layer_types = draft.config.layer_types[:1]
     prompts, shared = make_prompts()
-    return model, draft, prompts, shared, [hf_greedy(model, p) for p in prompts]
+    return model, draft, prompts, shared, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
 
 
 def engine_outputs(model, draft, method, prompts, shared, share, batch_size):
@@ -186,7 +175,7 @@ def test_negative_control_the_window_changes_these_outputs(name, monkeypatch):
     """With every window ignored (the engine's old full-causal mask), outputs differ from
     generate's: the prompts cross the window where it matters."""
     model, (prompts, _) = build(name), make_prompts()
-    expected = [hf_greedy(model, p) for p in prompts]
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
     monkeypatch.setattr(AttentionLayout, "masks", lambda self, visible, q, k, dtype: additive_mask(visible, dtype))
     got, _ = engine_outputs(model, None, "ar", prompts, 0, False, 4)
     assert got != expected
@@ -199,7 +188,7 @@ def test_negative_control_the_window_changes_these_outputs(name, monkeypatch):
 def test_negative_control_cascade_needs_each_variant(name, dropped, monkeypatch):
     """Cascade attention without soft-capping, sinks or the prefix's window gives other tokens."""
     model, (prompts, shared) = build(name), make_prompts()
-    expected = [hf_greedy(model, p) for p in prompts]
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
     original = cascade_module.cascade_attention
 
     def without(*args, specbatch_prefix=None, **kwargs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .architecture import LAYER_PATHS, find_decoder_layers
+from .architecture import UnsupportedModel, decoder_layers
 from .auto import AutoProposer
 from .draft_policy import FixedPolicy, make_policy
 from .layerskip import LayerSkipProposer
@@ -46,10 +46,10 @@ class Method:
 
 
 def _layers_reason(model) -> str | None:
-    if find_decoder_layers(model) is None:
-        return (
-            f"{type(model).__name__} keeps its decoder layers in none of {', '.join('.'.join(p) for p in LAYER_PATHS)}"
-        )
+    try:
+        decoder_layers(model)
+    except UnsupportedModel as e:
+        return str(e)
     return None
 
 
