@@ -26,54 +26,46 @@ _ENV_DEFAULTS = {
 }
 
 
-def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    p.add_argument("--model", default="demo", help="local folder or hub id (default: the bundled demo target)")
-    p.add_argument(
-        "--method",
-        default="ar",
-        choices=list(METHODS),
-        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()),
-    )
-    p.add_argument(
-        "--draft", default=None, help="draft model for --method draft (default with the demo target: the demo draft)"
-    )
-    p.add_argument(
-        "--num-draft-tokens", type=int, default=4, help="K: tokens drafted per step (the adaptive policy's maximum)"
-    )
-    p.add_argument(
-        "--draft-policy",
-        default="adaptive",
-        choices=["fixed", "adaptive"],
-        help="fixed: always K; adaptive: K from measured acceptance and cost, down to 0 (default)",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=64 if demo else 128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--n", type=int, default=1, help="samples per prompt (sample_index 0..N-1); they share the prompt's KV"
-    )
-    p.add_argument(
-        "--no-prefix-sharing",
-        dest="prefix_sharing",
-        action="store_false",
-        help="compute every prompt in full (for comparison; outputs are the same)",
-    )
-    p.add_argument("--workers", type=int, default=1, help="Ray actors, each holding the model")
-    p.add_argument("--shard-size", type=int, default=16 if demo else 64, help="requests per shard")
-    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together in a worker")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
-    p.add_argument(
-        "--verify",
-        type=int,
-        default=0,
-        metavar="N",
-        help="re-decode N requests (chosen deterministically) with transformers' greedy generate and record "
-        "whether each output matched, in the verification table (default 0)",
-    )
+DEMO_DEFAULTS = {"max_new_tokens": 64, "shard_size": 16}
+
+
+def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("input", "out")) -> None:
+    """One option per RunConfig field. Values go to RunConfig as given, which checks them all."""
+    from typing import Literal, get_args, get_origin
+
+    from .config import RunConfig, option
+
+    for name, field in RunConfig.model_fields.items():
+        if name in skip:
+            continue
+        if name == "prefix_sharing":
+            p.add_argument(
+                "--no-prefix-sharing",
+                dest=name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help="compute every prompt in full (for comparison; outputs are the same)",
+            )
+            continue
+        literal = get_origin(field.annotation) is Literal
+        choices = list(METHODS) if name == "method" else list(get_args(field.annotation)) if literal else None
+        default = "" if field.default is None else f" (default: {field.default})"
+        p.add_argument(
+            option(name),
+            dest=name,
+            default=argparse.SUPPRESS,
+            choices=choices,
+            metavar="N" if name == "verify" else None,
+            help=(field.description or "") + default,
+        )
+
+
+def run_config(args, **overrides):
+    """The RunConfig of parsed arguments: the options given, over the command's defaults."""
+    from .config import RunConfig
+
+    given = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields}
+    return RunConfig.parse(**(getattr(args, "defaults", {}) | given | overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate completions for a prompt file (JSONL or Parquet)")
-    run.add_argument("input", help="prompt file: JSONL rows {id, prompt | messages, max_new_tokens?} or Parquet")
-    run.add_argument("--out", required=True, help="output folder (rerun over it to resume)")
+    run.add_argument(
+        "input",
+        help="prompts: JSONL rows {id, prompt | messages, max_new_tokens?} (plain, .gz, .zst) or Parquet; "
+        "a file, folder or glob; a path or URI (s3://, gs://, hdfs://, file://)",
+    )
+    run.add_argument("--out", required=True, help="output folder or URI (rerun over it to resume)")
     _add_run_options(run)
+
+    plan = sub.add_parser("plan", help="dry run: plan the job (read, tokenize, group, shard) and print what it holds")
+    plan.add_argument("input", help="prompts, as for run")
+    _add_run_options(plan, skip=("input", "out", "workers", "batch_size", "device", "ray_address"))
 
     query = sub.add_parser("query", help="run SQL over an output folder's views")
     query.add_argument("out", help="output folder")
@@ -107,40 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="specbatch-demo", help="output folder (default: ./specbatch-demo): ar/ and draft/ inside"
     )
-    _add_run_options(demo, demo=True)
+    _add_run_options(demo)
+    demo.set_defaults(defaults=DEMO_DEFAULTS)
     return parser
 
 
-def cmd_run(args, input_path: str) -> dict:
-    from .flows.generate import RunParams, check_run, generate
+def cmd_run(config) -> dict:
+    from .flows.generate import check_run, generate
 
-    params = RunParams(
-        input=input_path,
-        out=args.out,
-        model=args.model,
-        method=args.method,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        n=args.n,
-        prefix_sharing=args.prefix_sharing,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        ray_address=args.ray_address,
-        draft=args.draft,
-        num_draft_tokens=args.num_draft_tokens,
-        draft_policy=args.draft_policy,
-        verify=args.verify,
-    )
-    check_run(params)  # fail fast, in one line, before Prefect and Ray start
-    from dataclasses import asdict
+    check_run(config)  # fail fast, in one line, before Prefect and Ray start
+    return generate(config)
 
-    return generate(**asdict(params))
+
+def cmd_plan(args) -> dict:
+    from .flows.generate import dry_run
+
+    return dry_run(run_config(args, out=""))
 
 
 def cmd_query(args) -> None:
@@ -213,8 +195,7 @@ def cmd_demo(args) -> None:
     root = args.out
     summaries = {}
     for method in ("ar", "draft"):
-        args.method, args.out = method, str(Path(root) / method)
-        summaries[method] = cmd_run(args, str(DEMO_PROMPTS))
+        summaries[method] = cmd_run(run_config(args, input=str(DEMO_PROMPTS), out=str(Path(root) / method), method=method))
     ar, draft = connect(Path(root) / "ar"), connect(Path(root) / "draft")
     query = "select request_id, completion_token_ids from generations order by request_id"
     same = sum(a == b for a, b in zip(ar.execute(query).fetchall(), draft.execute(query).fetchall()))
@@ -225,7 +206,7 @@ def cmd_demo(args) -> None:
     print(f"greedy outputs identical between ar and draft: {same}/{s['generations']}")
     print(
         f"wall time of the generation step: ar {summaries['ar']['seconds_this_invocation']}s, "
-        f"draft {summaries['draft']['seconds_this_invocation']}s (CPU, {args.workers} worker(s), batch {args.batch_size})"
+        f"draft {summaries['draft']['seconds_this_invocation']}s (CPU, {summaries['ar']['workers']} worker(s), batch {summaries['ar']['batch_size']})"
     )
     connections = {"ar": ar, "draft": draft}
     for title, sql, runs in DEMO_QUERIES:
@@ -279,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(logging.getLogger("specbatch"))
     try:
         if args.command == "run":
-            summary = cmd_run(args, args.input)
+            summary = cmd_run(run_config(args))
             print(json.dumps(summary, indent=1), file=sys.stderr)
+        elif args.command == "plan":
+            print(json.dumps(cmd_plan(args), indent=1))
         elif args.command == "query":
             cmd_query(args)
         elif args.command == "demo":

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from specbatch.cli import main
+from specbatch.config import RunConfig
 from specbatch.errors import SpecbatchError
 from specbatch.storage import connect
 from specbatch.workers.actor import FAULT_ENV
@@ -59,7 +60,7 @@ def snapshot(out) -> dict:
 def run_flow(prompts_file, out, **overrides):
     from specbatch.flows.generate import generate
 
-    return generate(input=str(prompts_file), out=str(out), **(SETTINGS | overrides))
+    return generate(RunConfig(input=str(prompts_file), out=str(out), **(SETTINGS | overrides)))
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +168,21 @@ def test_cli_query_formats(finished_run, capsys):
 def test_cli_one_line_errors(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: input file '{tmp_path / 'missing.jsonl'}' does not exist"
+    assert err.strip() == f"error: input '{tmp_path / 'missing.jsonl'}' does not exist"
     (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
     assert main(["run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), "--model", "./no-such-model"]) == 2
     assert "model folder './no-such-model' does not exist" in capsys.readouterr().err
+    # Options are checked once, up front: one line and exit 2, before Prefect or Ray start.
+    for option, value, message in [
+        ("--temperature", "-1", "--temperature: input should be greater than or equal to 0, got '-1'"),
+        ("--top-p", "1.5", "--top-p: input should be less than or equal to 1, got '1.5'"),
+        ("--top-p", "0", "--top-p: input should be greater than 0, got '0'"),
+        ("--batch-size", "x", "--batch-size: input should be a valid integer"),
+    ]:
+        assert main(["run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), option, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_demo_command_end_to_end(prefect_server, ray_cluster, tmp_path, capsys):
@@ -232,20 +244,25 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path, capsys):
 
 def test_a_shard_failing_every_attempt_becomes_errors_and_is_retried_later(ray_cluster, tmp_path):
     from specbatch.storage import OutputDir
-    from specbatch.workers.config import WorkerConfig
     from specbatch.workers.pool import WorkerPool
-    from specbatch.workers.shard import Shard, ShardRequest
+    from specbatch.workers.shard import ShardRef, ShardRequest, requests_table
 
-    good = Shard("shard-00000", [ShardRequest("ok", 1, "def f():\n", [1, 2, 3], 4, seed=0)])
-    # A prompt longer than the model's context: the engine refuses it on every attempt.
-    bad = Shard("shard-00001", [ShardRequest("too-long", 2, "x", [5] * 600, 4, seed=0)])
     out = OutputDir(tmp_path)
-    pool = WorkerPool(WorkerConfig(model=str(DEMO_MODELS["demo"])), num_workers=1)
+    good = ShardRequest("ok", 1, "def f():\n", [1, 2, 3], 4, seed=0)
+    # A prompt longer than the model's context: the engine refuses it on every attempt.
+    bad = ShardRequest("too-long", 2, "x", [5] * 600, 4, seed=0)
+    refs = []
+    for i, request in enumerate([good, bad]):
+        out.write_table(requests_table([request]), f"plan/shards/{i}.parquet")
+        refs.append(ShardRef(f"shard-0000{i}", f"plan/shards/{i}.parquet", 1, len(request.prompt_ids), 0))
+    config = RunConfig(input="-", out=out.uri, model=str(DEMO_MODELS["demo"]))
+    pool = WorkerPool(config, num_workers=1)
     try:
-        report = pool.run([good, bad], out, max_attempts=2)
+        report = pool.run(refs, out, max_attempts=2)
     finally:
         pool.shutdown()
-    assert report.failed_shards == ["shard-00001"] and report.retries == 1
+    # Both went in one call, which failed; each was retried on its own: the good one finished.
+    assert report.failed_shards == ["shard-00001"] and report.retries == 2
     con = connect(tmp_path)
     assert con.execute("select request_id from generations").fetchall() == [("ok",)]
     (request_id, stage, reason) = con.execute("select request_id, stage, reason from errors").fetchone()

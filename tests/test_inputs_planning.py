@@ -3,15 +3,21 @@ shards (deterministic, prefix-grouped, context-checked)."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import uuid
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from specbatch.config import RunConfig
 from specbatch.errors import SpecbatchError
 from specbatch.flows.inputs import read_prompts
-from specbatch.flows.planning import plan_shards
+from specbatch.flows.planner import Plan, plan_job
+from specbatch.storage import OutputDir, connect
+from specbatch.workers.shard import Shard
 
 
 class ByteTokenizer:
@@ -20,6 +26,8 @@ class ByteTokenizer:
     chat_template = None
 
     def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):
+            return {"input_ids": [list(t.encode()) for t in text]}
         return {"input_ids": list(text.encode())}
 
 
@@ -33,6 +41,26 @@ class ChatTokenizer(ByteTokenizer):
 def write_jsonl(path, lines):
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     return path
+
+
+@dataclass
+class Planned:
+    plan: Plan
+    shards: list[Shard]
+    errors: dict  # input_index -> (request_id, stage, reason)
+
+
+def plan_file(path, tmp_path, tokenizer=None, context=32, **settings) -> Planned:
+    """Plan an input in this process (the same tasks the cluster runs), into a fresh folder."""
+    out = OutputDir(tmp_path / f"plan-{uuid.uuid4().hex[:6]}")
+    config = RunConfig(input=str(path), out=out.uri, **({"max_new_tokens": 8, "shard_size": 2} | settings))
+    plan = plan_job(config, context, out, use_ray=False, tokenizer=tokenizer or ByteTokenizer())
+    errors = connect(out.uri).execute("select input_index, request_id, stage, reason from errors").fetchall()
+    return Planned(plan, [ref.load(out) for ref in plan.shards], {i: rest for i, *rest in [tuple(e) for e in errors]})
+
+
+def ids(planned: Planned) -> list[list[str]]:
+    return [[r.request_id for r in s.requests] for s in planned.shards]
 
 
 def test_bad_rows_become_errors_and_good_rows_survive(tmp_path):
@@ -53,19 +81,20 @@ def test_bad_rows_become_errors_and_good_rows_survive(tmp_path):
             {"id": "f", "messages": [{"role": "user"}]},
         ],
     )
-    rows, errors = read_prompts(path)
-    assert [(r.request_id, r.input_index) for r in rows] == [("a", 1), ("line-7", 7), ("5", 10)]
-    assert rows[1].max_new_tokens == 3
-    reasons = {e.input_index: e.reason for e in errors}
+    planned = plan_file(path, tmp_path, shard_size=8)
+    requests = sorted((r.request_id, r.input_index, r.max_new_tokens) for s in planned.shards for r in s.requests)
+    assert requests == [("5", 10, 8), ("a", 1, 8), ("line-7", 7, 3)]
+    reasons = {i: reason for i, (_, _, reason) in planned.errors.items()}
     assert sorted(reasons) == [2, 3, 4, 5, 6, 9, 11, 12]
     assert "empty" in reasons[2]
-    assert "not valid JSON" in reasons[3]
+    assert "line 3 is not valid JSON" in reasons[3]
     assert "neither 'prompt' nor 'messages'" in reasons[4]
-    assert "must be a string, got int" in reasons[5]
+    assert "must be a string or a list of messages, got int" in reasons[5]
     assert "duplicate id 'a'" in reasons[6] and "row 1" in reasons[6]
     assert "not an object" in reasons[9]
     assert "positive integer" in reasons[11]
     assert "'messages' must be" in reasons[12]
+    assert planned.plan.num_input_rows == 11 and planned.plan.num_errors == 8  # the blank line is no row
 
 
 def test_parquet_input_names_rows_by_number(tmp_path):
@@ -76,9 +105,68 @@ def test_parquet_input_names_rows_by_number(tmp_path):
     assert [(e.request_id, e.input_index) for e in errors] == [("row-2", 2)]
 
 
-def test_missing_file_is_a_user_error(tmp_path):
+def test_missing_input_is_a_user_error(tmp_path):
     with pytest.raises(SpecbatchError, match="does not exist"):
         read_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(SpecbatchError, match="holds no prompt files"):
+        read_prompts(tmp_path / "empty")
+
+
+ROWS = [{"id": f"r{i}", "prompt": f"prompt number {i}"} for i in range(5)]
+
+
+def test_compressed_jsonl_and_a_byte_order_mark_read_like_plain_jsonl(tmp_path):
+    text = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(text))
+    with pa.CompressedOutputStream(str(tmp_path / "p.jsonl.zst"), "zstd") as f:
+        f.write(text)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    for name in ("p.jsonl.gz", "p.jsonl.zst", "bom.jsonl"):
+        rows, errors = read_prompts(tmp_path / name)
+        assert errors == [] and [(r.request_id, r.prompt) for r in rows] == [(r["id"], r["prompt"]) for r in ROWS], name
+
+
+def test_a_folder_or_glob_of_files_is_one_input_numbered_across_files(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    write_jsonl(data / "a.jsonl", [ROWS[0], {"prompt": "unnamed"}])
+    pq.write_table(pa.Table.from_pylist(ROWS[1:3]), data / "b.parquet")
+    pq.write_table(pa.Table.from_pylist([ROWS[3], {"id": None, "prompt": "unnamed too"}]), data / "sub" / "c.parquet")
+    (data / "README.md").write_text("not a prompt file")
+    (data / "_SUCCESS").write_text("")
+    rows, errors = read_prompts(data)
+    assert errors == []
+    assert [(r.request_id, r.input_index) for r in rows] == [
+        ("r0", 1), ("a.jsonl:line-2", 2), ("r1", 3), ("r2", 4), ("r3", 5), ("sub/c.parquet:row-2", 6)
+    ]  # fmt: skip
+    rows, _ = read_prompts(f"{data}/*.parquet")
+    assert [r.request_id for r in rows] == ["r1", "r2"]
+    rows, _ = read_prompts(f"{data}/**/*.parquet")
+    assert [r.request_id for r in rows] == ["r1", "r2", "r3", "sub/c.parquet:row-2"]
+    rows, _ = read_prompts(f"file://{data}/a.jsonl")
+    assert [r.request_id for r in rows] == ["r0", "line-2"]
+
+
+def test_prompt_and_id_columns_and_message_shapes(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"key": "q1", "question": "what is 2 + 2?"},
+            {"key": "q2", "question": [{"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]}]},
+            {"key": "q3", "question": [{"from": "human", "value": "sharegpt turn"}]},
+            {"key": "q4", "question": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+            {"key": "q5", "prompt": "no question"},
+        ],
+    )  # fmt: skip
+    rows, errors = read_prompts(path, prompt_column="question", id_column="key")
+    assert [r.request_id for r in rows] == ["q1", "q2", "q3"]
+    assert rows[0].prompt == "what is 2 + 2?"
+    assert rows[1].messages == [{"role": "user", "content": "part one\ntwo"}]
+    assert rows[2].messages == [{"role": "user", "content": "sharegpt turn"}]
+    assert [(e.request_id, e.input_index) for e in errors] == [("q4", 4), ("q5", 5)]
+    assert "text parts" in errors[0].reason and "no 'question'" in errors[1].reason
 
 
 def test_plan_is_deterministic_prefix_grouped_and_context_checked(tmp_path):
@@ -93,29 +181,48 @@ def test_plan_is_deterministic_prefix_grouped_and_context_checked(tmp_path):
             {"id": "chat", "messages": [{"role": "user", "content": "hi"}]},
         ],
     )
-    rows, errors = read_prompts(path)
-    plan = plan_shards(rows, errors, ByteTokenizer(), context=32, max_new_tokens=8, shard_size=2, seed=0)
-    again = plan_shards(*read_prompts(path), ByteTokenizer(), context=32, max_new_tokens=8, shard_size=2, seed=0)
-    assert plan == again
+    planned = plan_file(path, tmp_path)
+    again = plan_file(path, tmp_path)
+    assert planned.shards == again.shards
     # Sorted by token ids; the prefix group (s1, s2) is kept whole in a shard of its own.
-    assert [[r.request_id for r in s.requests] for s in plan.shards] == [["q"], ["s1", "s2"], ["z"]]
-    assert [s.shard_id for s in plan.shards] == ["shard-00000", "shard-00001", "shard-00002"]
-    s1, s2 = plan.shards[1].requests
+    assert ids(planned) == [["q"], ["s1", "s2"], ["z"]]
+    assert [s.shard_id for s in planned.shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    s1, s2 = planned.shards[1].requests
     assert s1.prefix_len == s2.prefix_len == len("shared prefix ")
-    reasons = {e.request_id: e.reason for e in plan.errors}
+    reasons = {request_id: reason for request_id, _, reason in planned.errors.values()}
     assert "40 tokens" in reasons["long"] and "context is 32" in reasons["long"]
     assert "no chat template" in reasons["chat"]
-    assert plan.num_input_rows == 6
-    seeds = {r.request_id: r.seed for s in plan.shards for r in s.requests}
+    assert planned.plan.num_input_rows == 6
+    assert planned.plan.summary()["prefill_tokens"] == sum(len(r.prompt_ids) for s in planned.shards for r in s.requests) - len("shared prefix ")
+    seeds = {r.request_id: r.seed for s in planned.shards for r in s.requests}
     assert len(set(seeds.values())) == 4
-    other_seed = plan_shards(*read_prompts(path), ByteTokenizer(), 32, 8, 2, seed=1)
+    other_seed = plan_file(path, tmp_path, seed=1)
     assert {r.request_id: r.seed for s in other_seed.shards for r in s.requests} != seeds
+
+
+def test_buckets_plan_apart_yet_keep_prefix_groups_and_determinism(tmp_path, monkeypatch):
+    """Many buckets (as a large input gets): a prefix group still lands in one bucket, and the
+    shards are the same on every planning."""
+    import specbatch.flows.planning as planning
+
+    prefixes = ["system prompt number one: ", "another quite long system prompt: ", ""]
+    rows = [{"id": f"r{i}", "prompt": prefixes[i % 3] + f"question {i * 7919 % 1000}"} for i in range(60)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    monkeypatch.setattr(planning, "BUCKET_BYTES", 100)
+    planned = plan_file(path, tmp_path, context=128, shard_size=8)
+    assert planning.num_buckets(path.stat().st_size) > 8
+    assert planned.shards == plan_file(path, tmp_path, context=128, shard_size=8).shards
+    assert sorted(r.request_id for s in planned.shards for r in s.requests) == sorted(r["id"] for r in rows)
+    for prefix in prefixes[:2]:  # each system prompt's 20 rows share it in one or two shards
+        holding = [s for s in planned.shards if any(r.prompt.startswith(prefix) for r in s.requests)]
+        assert len(holding) <= 3
+        assert all(r.prefix_len >= len(prefix) for s in holding for r in s.requests if r.prompt.startswith(prefix))
 
 
 def test_messages_use_the_chat_template(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "c", "messages": [{"role": "user", "content": "hi"}]}])
-    plan = plan_shards(*read_prompts(path), ChatTokenizer(), 64, 8, 4, 0)
-    (request,) = plan.shards[0].requests
+    planned = plan_file(path, tmp_path, tokenizer=ChatTokenizer(), context=64)
+    (request,) = planned.shards[0].requests
     assert request.prompt == "<user>hi<assistant>"
     assert request.prompt_ids == list(b"<user>hi<assistant>")
 
@@ -124,10 +231,8 @@ def test_n_samples_share_their_prompt_and_get_their_own_seeds(tmp_path):
     path = write_jsonl(
         tmp_path / "p.jsonl", [{"id": "a", "prompt": "a prompt of some length"}, {"id": "b", "prompt": "b"}]
     )
-    plan = plan_shards(
-        *read_prompts(path), ByteTokenizer(), context=64, max_new_tokens=8, shard_size=8, seed=0, num_samples=3
-    )
-    requests = [r for s in plan.shards for r in s.requests]
+    planned = plan_file(path, tmp_path, context=64, shard_size=8, n=3)
+    requests = [r for s in planned.shards for r in s.requests]
     assert [(r.request_id, r.sample_index) for r in requests] == [
         ("a", 0),
         ("a", 1),
@@ -139,21 +244,8 @@ def test_n_samples_share_their_prompt_and_get_their_own_seeds(tmp_path):
     assert len({r.seed for r in requests}) == 6
     # a's samples share all but its last token; b's one-token prompt leaves nothing to share
     assert [r.prefix_len for r in requests] == [22] * 3 + [0] * 3
-    unshared = plan_shards(
-        *read_prompts(path),
-        ByteTokenizer(),
-        context=64,
-        max_new_tokens=8,
-        shard_size=8,
-        seed=0,
-        num_samples=3,
-        share_prefixes=False,
-    )
+    unshared = plan_file(path, tmp_path, context=64, shard_size=8, n=3, prefix_sharing=False)
     assert [r.prefix_len for s in unshared.shards for r in s.requests] == [0] * 6
-    with pytest.raises(ValueError, match="--n"):
-        plan_shards(
-            *read_prompts(path), ByteTokenizer(), context=64, max_new_tokens=8, shard_size=8, seed=0, num_samples=0
-        )
 
 
 def test_packing_keeps_prefix_groups_whole_unless_too_large():

@@ -8,16 +8,15 @@ import json
 
 import pytest
 
+from specbatch.config import RunConfig
 from specbatch.decoding import Engine, GenerationRequest
 from specbatch.errors import SpecbatchError
-from specbatch.flows.generate import RunParams, check_run
-from specbatch.flows.inputs import read_prompts
-from specbatch.flows.planning import plan_shards
+from specbatch.flows.generate import check_run
 from specbatch.workers.shard import ShardRequest
 from specbatch.workers.verify import verification_rows
 
 from .conftest import EOS, random_prompts, tiny_llama
-from .test_inputs_planning import ByteTokenizer
+from .test_inputs_planning import plan_file
 
 
 def test_the_same_requests_are_verified_whatever_the_shard_size(tmp_path):
@@ -25,8 +24,8 @@ def test_the_same_requests_are_verified_whatever_the_shard_size(tmp_path):
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"prompt {i % 7} {i}"}) + "\n" for i in range(40)))
 
     def verified(shard_size: int, n: int) -> set[tuple[str, int]]:
-        plan = plan_shards(*read_prompts(path), ByteTokenizer(), 64, 4, shard_size, 0, num_samples=2, verify=n)
-        return {(r.request_id, r.sample_index) for s in plan.shards for r in s.requests if r.verify}
+        planned = plan_file(path, tmp_path, context=64, max_new_tokens=4, shard_size=shard_size, n=2, verify=n)
+        return {(r.request_id, r.sample_index) for s in planned.shards for r in s.requests if r.verify}
 
     five = verified(4, 5)
     assert len(five) == 5 and verified(16, 5) == five
@@ -61,6 +60,6 @@ def test_a_model_whose_attention_cannot_be_exact_is_refused_before_anything_star
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a"}\n')
     with pytest.raises(SpecbatchError, match="model type 'bloom' uses ALiBi"):
-        check_run(RunParams(input=str(prompts), out=str(tmp_path / "out"), model=str(folder)))
-    with pytest.raises(SpecbatchError, match="--verify .* must be >= 0"):
-        check_run(RunParams(input=str(prompts), out=str(tmp_path / "out"), verify=-1))
+        check_run(RunConfig(input=str(prompts), out=str(tmp_path / "out"), model=str(folder)))
+    with pytest.raises(SpecbatchError, match="--verify: input should be greater than or equal to 0, got -1"):
+        RunConfig.parse(input=str(prompts), out=str(tmp_path / "out"), verify=-1)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 GROUP_OVERHEAD_TOKENS = 8  # a group costs an extra forward and per-step attention work: only
 # share where it saves more tokens than this
 
@@ -40,18 +42,24 @@ def shared_prefix_lengths(prompts: Sequence[Sequence[int]], group_overhead: int 
     n = len(prompts)
     if n < 2:
         return [0] * n
-    order = sorted(range(n), key=lambda i: (list(prompts[i]), i))
+    # Sorted and compared as big-endian bytes: C-speed, and a prefix sorts first as lists do.
+    keys = [np.asarray(p, dtype=">u4").tobytes() for p in prompts]
+    order = sorted(range(n), key=lambda i: (keys[i], i))
     lengths = [len(prompts[i]) for i in order]
     cumulative = [0]
     for length in lengths:
         cumulative.append(cumulative[-1] + length)
 
-    def lcp(i: int) -> int:  # between sorted prompts i - 1 and i
-        a, b = prompts[order[i - 1]], prompts[order[i]]
-        k, m = 0, min(len(a), len(b))
-        while k < m and a[k] == b[k]:
-            k += 1
-        return k
+    def lcp(i: int) -> int:  # between sorted prompts i - 1 and i, by binary search on equal slices
+        a, b = keys[order[i - 1]], keys[order[i]]
+        lo, hi = 0, min(len(a), len(b)) // 4
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if a[: 4 * mid] == b[: 4 * mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def finish(v: _Node) -> None:
         own_cost, shortest, at = 0, min((c.shortest for c in v.children), default=1 << 62), v.lb

@@ -1,28 +1,35 @@
-"""The output folder: one Parquet file per table per shard, and a manifest that says which
-shards are complete.
+"""The output folder, local or on an object store: one Parquet file per table per unit (a shard,
+or the plan), and a manifest that says which units are complete.
 
-    out/
+    out/                           a local path or a URI: s3://bucket/jobs/run-7, gs://..., file://...
       run.json                     identity of the run (fingerprint of model, config, input)
+      plan/shards.parquet          the planned shards (ids, request files, sizes)
+      plan/shards/000-00003.parquet  one shard's requests, read by the worker that runs it
       generations/shard-00003.parquet
       requests/shard-00003.parquet
       steps/shard-00003.parquet
-      errors/plan.parquet          bad input rows, found while planning
+      errors/plan-000001.parquet   bad input rows, found while planning
       errors/shard-00003.parquet   requests that failed while generating
       runs/run.parquet
-      manifest/shard-00003.json    written last: the shard's files are all in place
+      manifest/shard-00003.json    written last: the unit's files are all in place
 
-A shard's data files are written first, each atomically, then its manifest entry. The views
-read only files named by manifest entries, so a shard cut off between files is invisible and,
-having no entry, is redone on resume (its files are replaced under the same names: nothing is
-duplicated).
+A unit's data files are written first, each atomically, then its manifest entry. The views read
+only files named by manifest entries, so a unit cut off between files is invisible and, having
+no entry, is redone on resume (its files are replaced under the same names: nothing is
+duplicated). Locally a file is written under a temporary name and renamed; on an object store a
+PUT (or a multipart upload, completed on close) is atomic by itself, so no rename is needed.
 """
 
 from __future__ import annotations
 
+import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from .atomic import remove_stale_temporaries, write_json, write_parquet
 from .schema import TABLES
@@ -31,57 +38,123 @@ PLAN = "plan"
 
 
 class OutputDir:
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    def __init__(self, uri: Path | str) -> None:
+        from ..flows.inputs import filesystem
 
-    @property
-    def run_file(self) -> Path:
-        return self.root / "run.json"
+        self.uri = str(uri)
+        self.fs, self.base = filesystem(self.uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
-    def manifest_file(self, unit: str) -> Path:
-        return self.root / "manifest" / f"{unit}.json"
+    def __repr__(self) -> str:
+        return f"OutputDir({self.uri!r})"
 
-    def table_file(self, table: str, unit: str) -> Path:
-        return self.root / table / f"{unit}.parquet"
+    def __reduce__(self):  # travels to workers as its URI
+        return OutputDir, (self.uri,)
 
-    def read_run(self) -> dict | None:
-        return json.loads(self.run_file.read_text()) if self.run_file.exists() else None
+    def path(self, relative: str) -> str:
+        return f"{self.base.rstrip('/')}/{relative}"
 
-    def write_run(self, meta: dict) -> None:
-        write_json(meta, self.run_file)
+    # -- files ------------------------------------------------------------------------------
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.get_file_info(self.path(relative) if relative else self.base).type != pafs.FileType.NotFound
+
+    def make(self) -> None:
+        if self.local:
+            self.fs.create_dir(self.base, recursive=True)
+
+    def write_table(self, table: pa.Table, relative: str) -> None:
+        if self.local:
+            write_parquet(table, Path(self.path(relative)))
+        else:
+            pq.write_table(table, self.path(relative), filesystem=self.fs, compression="zstd")
+
+    def read_table(self, relative: str) -> pa.Table:
+        return pq.read_table(self.path(relative), filesystem=self.fs)
+
+    def write_json(self, obj, relative: str) -> None:
+        if self.local:
+            write_json(obj, Path(self.path(relative)))
+        else:
+            with self.fs.open_output_stream(self.path(relative)) as f:
+                f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_json(self, relative: str):
+        try:
+            with self.fs.open_input_stream(self.path(relative)) as f:
+                return json.load(io.BytesIO(f.read()))
+        except FileNotFoundError:
+            return None
+
+    def list(self, folder: str, suffix: str = "") -> list[str]:
+        """Files under a folder, relative to the root, sorted; none when it does not exist."""
+        selector = pafs.FileSelector(self.path(folder), recursive=True, allow_not_found=True)
+        start = len(self.base.rstrip("/")) + 1
+        return sorted(
+            f.path[start:]
+            for f in self.fs.get_file_info(selector)
+            if f.type == pafs.FileType.File and f.path.endswith(suffix) and "/." not in f.path[start - 1 :]
+        )
+
+    def delete(self, folder: str) -> None:
+        try:
+            self.fs.delete_dir(self.path(folder))
+        except FileNotFoundError:
+            pass
 
     def clean(self) -> int:
-        return remove_stale_temporaries(self.root)
+        """Remove what writers that died mid-file left (local only: object stores keep nothing partial)."""
+        return remove_stale_temporaries(Path(self.base)) if self.local else 0
 
-    def write_unit(self, unit: str, tables: dict[str, pa.Table], summary: dict | None = None) -> None:
-        """Write a shard's (or the plan's) tables, then its manifest entry."""
-        files = {}
+    # -- the run, units and the manifest ----------------------------------------------------
+
+    def read_run(self) -> dict | None:
+        return self.read_json("run.json")
+
+    def write_run(self, meta: dict) -> None:
+        self.write_json(meta, "run.json")
+
+    def write_unit(
+        self, unit: str, tables: dict[str, pa.Table], summary: dict | None = None, files: dict | None = None
+    ) -> None:
+        """Write a unit's tables, then its manifest entry. files: more table files (name -> list
+        of relative paths) already written, that the entry commits too."""
+        entry = dict(files or {})
         for name, table in tables.items():
             if name not in TABLES:
                 raise ValueError(f"unknown table {name!r}")
-            table = table.cast(TABLES[name])
-            path = self.table_file(name, unit)
-            write_parquet(table, path)
-            files[name] = str(path.relative_to(self.root))
-        write_json({"unit": unit, "files": files, "summary": summary or {}}, self.manifest_file(unit))
+            relative = f"{name}/{unit}.parquet"
+            self.write_table(table.cast(TABLES[name]), relative)
+            entry[name] = entry.get(name, []) + [relative]
+        self.write_json({"unit": unit, "files": entry, "summary": summary or {}}, f"manifest/{unit}.json")
+
+    def entry(self, unit: str) -> dict | None:
+        return self.read_json(f"manifest/{unit}.json")
 
     def is_complete(self, unit: str) -> bool:
         """Finished for good: a shard that ran out of attempts is not, so a rerun retries it."""
-        path = self.manifest_file(unit)
-        return path.exists() and not json.loads(path.read_text())["summary"].get("failed", False)
+        entry = self.entry(unit)
+        return entry is not None and not entry["summary"].get("failed", False)
 
     def manifest(self) -> list[dict]:
-        folder = self.root / "manifest"
-        if not folder.exists():
-            return []
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        names = self.list("manifest", ".json")
+        if len(names) < 8 or self.local:
+            return [self.read_json(n) for n in names]
+        with ThreadPoolExecutor(32) as pool:  # one round trip each on an object store
+            return list(pool.map(self.read_json, names))
 
-    def files_of(self, table: str) -> list[Path]:
-        """The complete files of one table, in unit order."""
-        files = [self.root / e["files"][table] for e in self.manifest() if table in e["files"]]
+    def complete_units(self) -> set[str]:
+        return {e["unit"] for e in self.manifest() if not e["summary"].get("failed", False)}
+
+    def files_of(self, table: str) -> list[str]:
+        """The complete files of one table (paths inside the filesystem), in unit order."""
+        files = []
+        for e in self.manifest():
+            named = e["files"].get(table, [])
+            files += [self.path(f) for f in ([named] if isinstance(named, str) else named)]
         if table == "runs":
-            files += sorted((self.root / "runs").glob("*.parquet"))
+            files += [self.path(f) for f in self.list("runs", ".parquet")]
         return files
 
     def write_runs(self, row: dict) -> None:
-        write_parquet(pa.Table.from_pylist([row], schema=TABLES["runs"]), self.root / "runs" / "run.parquet")
+        self.write_table(pa.Table.from_pylist([row], schema=TABLES["runs"]), "runs/run.parquet")

@@ -1,10 +1,12 @@
-"""DuckDB views over an output folder: one view per table, named after it.
+"""DuckDB views over an output folder (local or a URI): one view per table, named after it.
 
-    con = connect("out/")
+    con = connect("out/")          # or connect("s3://bucket/jobs/run-7")
     con.execute("select method, avg(completion_tokens) from requests group by 1").fetchall()
 
-Views read only complete files (those named by the manifest). A table with no files yet is an
-empty view with the right columns, so queries never fail on a fresh or partial run.
+Views read only complete files (those named by the manifest). Local files are read by DuckDB
+itself; files on an object store through pyarrow's filesystem (a dataset DuckDB scans lazily),
+so no DuckDB extension needs downloading. A table with no files yet is an empty view with the
+right columns, so queries never fail on a fresh or partial run.
 """
 
 from __future__ import annotations
@@ -12,25 +14,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pyarrow.dataset as ds
 
 from .output import OutputDir
 from .schema import TABLES
 
 
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
 def connect(out_dir: Path | str, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
     out = OutputDir(out_dir)
-    if not out.root.is_dir():
-        raise FileNotFoundError(f"output folder {str(out.root)!r} does not exist")
+    if not out.exists():
+        raise FileNotFoundError(f"output folder {out.uri!r} does not exist")
     con = duckdb.connect(database)
     for name, schema in TABLES.items():
-        files = [f for f in out.files_of(name) if f.exists()]
-        if files:
+        files = out.files_of(name)
+        if files and out.local:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)})")
-        else:
-            con.register(f"_{name}_empty", schema.empty_table())
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_empty")
+            continue
+        source = ds.dataset(files, schema=schema, filesystem=out.fs, format="parquet") if files else schema.empty_table()
+        con.register(f"_{name}_source", source)
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_source")
     return con

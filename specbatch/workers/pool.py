@@ -1,10 +1,12 @@
-"""Hand shards to a pool of GenerationWorker actors as they free up; retry a shard whose actor
-died (or whose run raised) on a fresh actor, up to max_attempts, then record its requests as
-errors so the rest of the job still lands."""
+"""Hand shards to a pool of GenerationWorker actors as they free up, a few per call so a worker's
+batch stays full across shard boundaries; retry the unfinished shards of a call whose actor died
+(or whose run raised), one shard per call, on a fresh actor, up to max_attempts, then record a
+shard's requests as errors so the rest of the job still lands."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -14,14 +16,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import ray
 
+from ..config import RunConfig
 from ..storage import OutputDir
 from ..storage.schema import ERRORS
 from .actor import FAULT_ENV, GenerationWorker
-from .config import WorkerConfig
-from .shard import Shard
+from .shard import ShardRef
 from .shard_runner import ShardSummary
 
 log = logging.getLogger("specbatch")
+REQUESTS_PER_CALL = 32  # times the batch size: a call's batch drains once, at its end
 
 
 @dataclass
@@ -32,7 +35,7 @@ class DispatchReport:
 
 
 class WorkerPool:
-    def __init__(self, config: WorkerConfig, num_workers: int) -> None:
+    def __init__(self, config: RunConfig, num_workers: int) -> None:
         if num_workers < 1:
             raise ValueError(f"workers must be >= 1, got {num_workers}")
         self.config = config
@@ -59,50 +62,62 @@ class WorkerPool:
             ray.kill(actor)
         self.actors = []
 
+    def call_size(self, pending: int, shard_requests: int) -> int:
+        """Shards per call: enough requests to keep a batch full for a while, no more than a fair
+        share of what is left, so every worker stays busy to the end."""
+        wanted = math.ceil(REQUESTS_PER_CALL * self.config.batch_size / max(1, shard_requests))
+        return max(1, min(wanted, math.ceil(pending / self.num_workers)))
+
     def run(
         self,
-        shards: list[Shard],
+        shards: list[ShardRef],
         out: OutputDir,
         on_progress: Callable[[int, int], None] | None = None,
         max_attempts: int = 3,
     ) -> DispatchReport:
         """Run every shard; on_progress(requests_done, tokens_done) is called as work finishes."""
         report = DispatchReport()
-        pending: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
+        fresh: deque[ShardRef] = deque(shards)
+        retry: deque[tuple[ShardRef, int]] = deque()  # one shard per call, after a failure
         idle = list(self.actors)
-        in_flight: dict = {}  # ref -> (actor, shard, attempt, actor progress when the shard began)
+        in_flight: dict = {}  # ref -> (actor, shards, attempt, actor progress when the call began)
         last_seen: dict = {}  # actor -> (requests, tokens) last reported
         done_requests = done_tokens = 0
+        typical = max(1, max((s.num_requests for s in shards), default=1))
 
-        while pending or in_flight:
-            while pending and idle:
-                shard, attempt = pending.popleft()
+        while fresh or retry or in_flight:
+            while (fresh or retry) and idle:
+                if retry:
+                    shard, attempt = retry.popleft()
+                    call = [shard]
+                else:
+                    call, attempt = [fresh.popleft() for _ in range(min(len(fresh), self.call_size(len(fresh), typical)))], 1
                 actor = idle.pop()
-                ref = actor.run_shard.remote(shard, str(out.root), attempt)
-                in_flight[ref] = (actor, shard, attempt, last_seen.get(actor, (0, 0)))
+                ref = actor.run_shards.remote(call, out.uri, attempt)
+                in_flight[ref] = (actor, call, attempt, last_seen.get(actor, (0, 0)))
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
-                actor, shard, attempt, _ = in_flight.pop(ref)
+                actor, call, attempt, _ = in_flight.pop(ref)
                 try:
-                    summary: ShardSummary = ray.get(ref)
+                    summaries: list[ShardSummary] = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    log.warning("worker died running %s (attempt %d): %s", shard.shard_id, attempt, _brief(e))
+                    log.warning("worker died running %s (attempt %d): %s", _names(call), attempt, _brief(e))
                     self.actors.remove(actor)
                     last_seen.pop(actor, None)
                     replacement = self._spawn()
                     self.actors.append(replacement)
                     idle.append(replacement)
-                    self._retry_or_fail(shard, attempt, max_attempts, _brief(e), pending, report, out)
+                    self._retry_or_fail(call, attempt, max_attempts, _brief(e), retry, report, out)
                     continue
                 except ray.exceptions.RayTaskError as e:
-                    log.warning("%s failed (attempt %d): %s", shard.shard_id, attempt, _brief(e))
+                    log.warning("%s failed (attempt %d): %s", _names(call), attempt, _brief(e))
                     idle.append(actor)
-                    self._retry_or_fail(shard, attempt, max_attempts, _brief(e), pending, report, out)
+                    self._retry_or_fail(call, attempt, max_attempts, _brief(e), retry, report, out)
                     continue
                 idle.append(actor)
-                report.summaries.append(summary)
-                done_requests += summary.num_requests
-                done_tokens += summary.completion_tokens
+                report.summaries += summaries
+                done_requests += sum(s.num_requests for s in summaries)
+                done_tokens += sum(s.completion_tokens for s in summaries)
             partial_requests = partial_tokens = 0
             for actor, _, _, (base_requests, base_tokens) in in_flight.values():
                 try:
@@ -116,21 +131,31 @@ class WorkerPool:
                 on_progress(done_requests + partial_requests, done_tokens + partial_tokens)
         return report
 
-    def _retry_or_fail(self, shard, attempt, max_attempts, reason, pending, report, out: OutputDir) -> None:
-        if attempt < max_attempts:
+    def _retry_or_fail(self, call, attempt, max_attempts, reason, retry, report, out: OutputDir) -> None:
+        """The call's shards that did not finish go again, each on its own (so one bad shard does
+        not sink the others), or become error rows after max_attempts."""
+        unfinished = [s for s in call if not out.is_complete(s.shard_id)]
+        for shard in unfinished if attempt < max_attempts else []:
             report.retries += 1
-            pending.appendleft((shard, attempt + 1))
+            retry.append((shard, attempt + 1))
+        if attempt < max_attempts:
             return
-        report.failed_shards.append(shard.shard_id)
-        message = f"{shard.shard_id} failed {attempt} times; last error: {reason}"
-        errors = pa.Table.from_pylist(
-            [
-                {"request_id": r.request_id, "input_index": r.input_index, "stage": "generate", "reason": message}
-                for r in shard.requests
-            ],
-            schema=ERRORS,
-        )
-        out.write_unit(shard.shard_id, {"errors": errors}, summary={"failed": True, "reason": message})
+        for shard in unfinished:
+            report.failed_shards.append(shard.shard_id)
+            message = f"{shard.shard_id} failed {attempt} times; last error: {reason}"
+            requests = shard.load(out).requests
+            errors = pa.Table.from_pylist(
+                [
+                    {"request_id": r.request_id, "input_index": r.input_index, "stage": "generate", "reason": message}
+                    for r in requests
+                ],
+                schema=ERRORS,
+            )
+            out.write_unit(shard.shard_id, {"errors": errors}, summary={"failed": True, "reason": message})
+
+
+def _names(call: list[ShardRef]) -> str:
+    return call[0].shard_id if len(call) == 1 else f"{call[0].shard_id}..{call[-1].shard_id}"
 
 
 def _brief(e: Exception) -> str:

@@ -1,8 +1,11 @@
-"""What the flow hands a worker: a shard of tokenized requests."""
+"""What the flow hands a worker: a shard of tokenized requests, stored in the output folder by
+planning (one Parquet file per shard) and named by a ShardRef."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 
 @dataclass
@@ -26,3 +29,40 @@ class Shard:
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(r.prompt_ids) for r in self.requests)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A planned shard: where its requests are, and how much work it holds."""
+
+    shard_id: str
+    path: str  # relative to the output folder
+    num_requests: int
+    prompt_tokens: int
+    prefill_tokens: int  # prompt tokens computed: shared prefixes once
+
+    def load(self, out) -> Shard:
+        return Shard(self.shard_id, requests_of(out.read_table(self.path)))
+
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("input_index", pa.int64()),
+        ("prompt", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("max_new_tokens", pa.int32()),
+        ("seed", pa.int64()),
+        ("sample_index", pa.int32()),
+        ("prefix_len", pa.int32()),
+        ("verify", pa.bool_()),
+    ]
+)
+
+
+def requests_table(requests: list[ShardRequest]) -> pa.Table:
+    return pa.Table.from_pylist([r.__dict__ for r in requests], schema=REQUEST_SCHEMA)
+
+
+def requests_of(table: pa.Table) -> list[ShardRequest]:
+    return [ShardRequest(**row) for row in table.to_pylist()]

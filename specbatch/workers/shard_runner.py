@@ -1,5 +1,7 @@
-"""Run the engine over one shard and write the shard's tables. Plain Python: the Ray actor
-wraps it, and tests drive it directly."""
+"""Run the engine over a few shards at once and write each shard's tables as soon as its last
+request finishes. One engine call over several shards keeps the batch full across shard
+boundaries: a batch drains (rows finishing with nobody to take their slots) once per call, not
+once per shard. Plain Python: the Ray actor wraps it, and tests drive it directly."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ..config import RunConfig
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
 from ..decoding.methods import make_speculation
 from ..storage import OutputDir
 from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS, VERIFICATION
-from .config import WorkerConfig
 from .models import check_same_vocabulary, context_length, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from .shard import Shard, ShardRequest
 from .verify import verification_rows
@@ -31,12 +33,14 @@ class ShardSummary:
     seconds: float
     worker: str
     attempt: int
+    node: str = ""  # the Ray node it ran on
 
 
 class ShardRunner:
-    def __init__(self, config: WorkerConfig, worker: str = "worker-0") -> None:
+    def __init__(self, config: RunConfig, worker: str = "worker-0", node: str = "") -> None:
         self.config = config
         self.worker = worker
+        self.node = node
         self.tokenizer = load_tokenizer(config.model)
         dtype = resolve_dtype(config.dtype, config.device)
         self.model = load_model(config.model, config.device, dtype)
@@ -68,15 +72,37 @@ class ShardRunner:
         self.requests_done += 1
         self.tokens_done += result.completion_tokens
 
-    def run(self, shard: Shard, out: OutputDir, attempt: int = 1, on_result=None) -> ShardSummary:
-        t0 = time.perf_counter()
+    def run(self, shards: list[Shard], out: OutputDir, attempt: int = 1, on_result=None) -> list[ShardSummary]:
+        """Run the shards' requests together; each shard is written when its last request is done."""
+        owner, pending, results = {}, [], [{} for _ in shards]
+        for i, shard in enumerate(shards):
+            pending.append(len(shard.requests))
+            for r in shard.requests:
+                owner[r.request_id, r.sample_index] = i
+        summaries: list[ShardSummary] = []
+        last = time.perf_counter()
 
-        def counted(result: GenerationResult) -> None:
+        def finished(result: GenerationResult) -> None:
+            nonlocal last
             self._count(result)
+            i = owner[result.request_id, result.sample_index]
+            results[i][result.request_id, result.sample_index] = result
+            pending[i] -= 1
+            if not pending[i]:
+                shard = shards[i]
+                done = [results[i][r.request_id, r.sample_index] for r in shard.requests]
+                summaries.append(self._write(shard, done, out, attempt, time.perf_counter() - last))
+                last = time.perf_counter()
             if on_result is not None:
                 on_result(result)
 
-        results = self.engine.generate([self._engine_request(r) for r in shard.requests], on_result=counted)
+        requests = [self._engine_request(r) for shard in shards for r in shard.requests]
+        self.engine.generate(requests, on_result=finished)
+        return summaries
+
+    def _write(
+        self, shard: Shard, results: list[GenerationResult], out: OutputDir, attempt: int, seconds: float
+    ) -> ShardSummary:
         texts = self.tokenizer.batch_decode([r.completion_ids for r in results], skip_special_tokens=True)
         tables = self.tables(shard, results, texts, attempt)
         verified = verification_rows(
@@ -95,14 +121,15 @@ class ShardRunner:
             shard_id=shard.shard_id,
             num_requests=len(results),
             num_errors=0,
-            prompt_tokens=self.engine.stats.prompt_tokens,
-            prefill_tokens=self.engine.stats.prefill_tokens,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            prefill_tokens=sum(r.prompt_tokens - r.cached_prefix_tokens for r in results),
             peak_kv_bytes=self.engine.stats.peak_kv_bytes,
             completion_tokens=sum(r.completion_tokens for r in results),
             target_steps=sum(r.target_steps for r in results),
-            seconds=time.perf_counter() - t0,
+            seconds=seconds,
             worker=self.worker,
             attempt=attempt,
+            node=self.node,
         )
         out.write_unit(shard.shard_id, tables, summary=summary.__dict__)
         return summary
