@@ -254,7 +254,7 @@ def test_a_shard_failing_every_attempt_becomes_errors_and_is_retried_later(ray_c
     refs = []
     for i, request in enumerate([good, bad]):
         out.write_table(requests_table([request]), f"plan/shards/{i}.parquet")
-        refs.append(ShardRef(f"shard-0000{i}", f"plan/shards/{i}.parquet", 1, len(request.prompt_ids), 0))
+        refs.append(ShardRef(f"shard-0000{i}", f"plan/shards/{i}.parquet", 0, 1, len(request.prompt_ids), 0))
     config = RunConfig(input="-", out=out.uri, model=str(DEMO_MODELS["demo"]))
     pool = WorkerPool(config, num_workers=1)
     try:

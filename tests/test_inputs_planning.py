@@ -266,3 +266,38 @@ def test_packing_keeps_prefix_groups_whole_unless_too_large():
     assert [len(s) for s in shards] == [4, 4, 2]
     shards = pack(lone + group(1, 4), shard_size=4)  # a shard under half full is filled first
     assert [len(s) for s in shards] == [4, 1]
+
+
+def test_planning_on_ray_tasks_gives_the_plan_planned_here(ray_cluster, tmp_path, monkeypatch):
+    """The cluster path (tasks on Ray, stage files in the output folder, several buckets) and the
+    in-process path plan the same shards, duplicates and errors included."""
+    import specbatch.flows.planning as planning
+
+    rows = [{"id": f"r{i % 50}", "prompt": ["shared system prompt: ", "other prefix text: "][i % 2] + f"q {i}"} for i in range(60)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows + ["not json"])
+    monkeypatch.setattr(planning, "BUCKET_BYTES", 300)
+    from specbatch.workers.models import DEMO_MODELS, load_tokenizer
+
+    settings = dict(model=str(DEMO_MODELS["demo"]), max_new_tokens=8, shard_size=4, n=2, verify=5)
+    here = plan_file(path, tmp_path, tokenizer=load_tokenizer(settings["model"]), context=512, **settings)
+    out = OutputDir(tmp_path / "on-ray")
+    config = RunConfig(input=str(path), out=out.uri, **settings)
+    on_ray = plan_job(config, 512, out, use_ray=True)
+    assert [ref.load(out) for ref in on_ray.shards] == here.shards
+    assert on_ray.summary() | {"planning_seconds": 0} == here.plan.summary() | {"planning_seconds": 0}
+    errors = connect(out.uri).execute("select input_index, request_id, stage, reason from errors").fetchall()
+    assert {i: rest for i, *rest in errors} == here.errors
+    assert sum("duplicate id" in reason for _, _, reason in here.errors.values()) == 10
+    assert not out.list("plan/stage")  # scratch files are gone once the plan is complete
+
+
+def test_plan_command_describes_the_job_without_running_it(tmp_path, capsys):
+    from specbatch.cli import main
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "def f(x):\n    return x\n"}] * 3 + ["{bad"])
+    assert main(["plan", str(path), "--shard-size", "2", "--n", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed | {"planning_seconds": 0} == printed | {
+        "input_rows": 4, "error_rows": 1, "requests": 6, "shards": 3, "planning_seconds": 0
+    }  # fmt: skip
+    assert 0 < printed["prefix_sharing_saves"] < 1 and printed["prefill_tokens"] < printed["prompt_tokens"]

@@ -35,23 +35,36 @@ class _Node:
     best_cost: int = 0
 
 
+def token_key(ids: Sequence[int]) -> bytes:
+    """Bytes that sort as the token ids do (big-endian, so a prefix sorts first), 4 per token."""
+    return np.asarray(ids, dtype=">u4").tobytes()
+
+
 def shared_prefix_lengths(prompts: Sequence[Sequence[int]], group_overhead: int = GROUP_OVERHEAD_TOKENS) -> list[int]:
     """-> for each prompt (in the given order), how many of its leading tokens it shares with its
     group, 0 for none. A group is every prompt with the same shared length and the same tokens
     up to it; its prefix is computed once."""
-    n = len(prompts)
+    keys = [token_key(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (keys[i], i))
+    shared_sorted = shared_prefix_lengths_sorted([keys[i] for i in order], group_overhead)
+    result = [0] * len(prompts)
+    for position, i in enumerate(order):
+        result[i] = shared_sorted[position]
+    return result
+
+
+def shared_prefix_lengths_sorted(keys: Sequence[bytes], group_overhead: int = GROUP_OVERHEAD_TOKENS) -> list[int]:
+    """shared_prefix_lengths over prompts given as sorted token_key()s (C-speed compares)."""
+    n = len(keys)
     if n < 2:
         return [0] * n
-    # Sorted and compared as big-endian bytes: C-speed, and a prefix sorts first as lists do.
-    keys = [np.asarray(p, dtype=">u4").tobytes() for p in prompts]
-    order = sorted(range(n), key=lambda i: (keys[i], i))
-    lengths = [len(prompts[i]) for i in order]
+    lengths = [len(k) // 4 for k in keys]
     cumulative = [0]
     for length in lengths:
         cumulative.append(cumulative[-1] + length)
 
     def lcp(i: int) -> int:  # between sorted prompts i - 1 and i, by binary search on equal slices
-        a, b = keys[order[i - 1]], keys[order[i]]
+        a, b = keys[i - 1], keys[i]
         lo, hi = 0, min(len(a), len(b)) // 4
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -107,7 +120,4 @@ def shared_prefix_lengths(prompts: Sequence[Sequence[int]], group_overhead: int 
             shared_sorted[v.lb : v.rb + 1] = [v.shared] * (v.rb - v.lb + 1)
         else:
             todo.extend(v.children)
-    result = [0] * n
-    for position, i in enumerate(order):
-        result[i] = shared_sorted[position]
-    return result
+    return shared_sorted

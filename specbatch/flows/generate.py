@@ -33,7 +33,7 @@ from ..storage.output import PLAN
 from ..workers.models import check_same_vocabulary, context_length, load_config, resolve_dtype, skeleton
 from ..workers.pool import DispatchReport, WorkerPool
 from .inputs import InputSource, open_source
-from .planner import Plan, load_plan, plan_job
+from .planner import Plan, load_plan, on_cluster, plan_job
 from .progress import RunProgress
 
 
@@ -157,7 +157,8 @@ def dry_run(config: RunConfig) -> dict:
     """`specbatch plan`: plan into a temporary folder and describe the plan; no model weights, no workers."""
     source = open_source(config.input)
     resolved = config.resolved()
-    with tempfile.TemporaryDirectory(prefix="specbatch-plan-") as folder, ray_connection(config.ray_address):
+    cluster = ray_connection(config.ray_address) if on_cluster(source) else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="specbatch-plan-") as folder, cluster:
         result = plan_job(resolved, context_length(load_config(resolved.model)), OutputDir(folder))
     return {"input": config.input, "files": len(source.files), "input_bytes": source.num_bytes} | result.summary()
 

@@ -31,8 +31,8 @@ from ..errors import SpecbatchError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".ndjson.gz", ".ndjson.zst")
 PARQUET_SUFFIXES = (".parquet",)
-BATCH_ROWS = 4096  # rows handed to one planning task
-BATCH_BYTES = 8 << 20
+BATCH_ROWS = 4096  # Parquet rows handed to one planning task
+BATCH_BYTES = 2 << 20  # JSONL bytes handed to one planning task
 BOM = b"\xef\xbb\xbf"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -100,7 +100,7 @@ class InputSource:
         h = hashlib.sha256()
         for f in self.files:
             h.update(f"{f.name}\x00{f.size}\x00".encode())
-            with self.fs.open_input_stream(f.path) as stream:
+            with self.fs.open_input_stream(f.path, compression=None) as stream:
                 while block := stream.read(1 << 22):
                     h.update(block)
         return h.hexdigest()
@@ -158,12 +158,15 @@ def open_source(uri: str) -> InputSource:
 
 @dataclass
 class RawBatch:
-    """Up to BATCH_ROWS rows of one file, as read: JSONL lines (bytes) or a Parquet record batch."""
+    """Rows of one file, as read: whole JSONL lines (one bytes object, about BATCH_BYTES) or a
+    Parquet record batch (BATCH_ROWS). The reader never splits lines itself: it only cuts at a
+    newline and counts them, so reading costs the driver next to nothing per row."""
 
     file: str  # InputFile.name; "" when the input is one file
     first_index: int  # input_index of the first row
     first_local: int  # its line or row number within its file
-    lines: list[bytes] | None = None
+    num_rows: int
+    data: bytes | None = None
     table: pa.RecordBatch | None = None
 
 
@@ -178,35 +181,31 @@ def read_batches(source: InputSource, columns: list[str] | None = None) -> Itera
                 wanted = [c for c in columns or [] if c in parquet.schema_arrow.names] if columns else None
                 local = 1
                 for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
-                    yield RawBatch(label, index, local, table=batch)
+                    yield RawBatch(label, index, local, batch.num_rows, table=batch)
                     index, local = index + batch.num_rows, local + batch.num_rows
             except (OSError, pa.ArrowException) as e:
                 raise SpecbatchError(f"cannot read Parquet file {f.name!r}: {e}") from e
             continue
         local = 1
-        for lines in _jsonl_blocks(source.fs, f.path):
-            yield RawBatch(label, index, local, lines=lines)
-            index, local = index + len(lines), local + len(lines)
+        for data, lines in _jsonl_blocks(source.fs, f.path):
+            yield RawBatch(label, index, local, lines, data=data)
+            index, local = index + lines, local + lines
 
 
-def _jsonl_blocks(fs: pafs.FileSystem, path: str) -> Iterator[list[bytes]]:
+def _jsonl_blocks(fs: pafs.FileSystem, path: str) -> Iterator[tuple[bytes, int]]:
+    """(whole lines, how many) of about BATCH_BYTES each; the last line may lack its newline."""
     with fs.open_input_stream(path, compression="detect") as stream:
-        rest, lines, size, first = b"", [], 0, True
-        while block := stream.read(1 << 20):
+        pending, first = b"", True
+        while block := stream.read(BATCH_BYTES):
             if first:
                 block, first = block.removeprefix(BOM), False
-            pieces = (rest + block).split(b"\n")
-            rest = pieces.pop()
-            for line in pieces:
-                lines.append(line)
-                size += len(line)
-                if len(lines) >= BATCH_ROWS or size >= BATCH_BYTES:
-                    yield lines
-                    lines, size = [], 0
-        if rest:
-            lines.append(rest)
-        if lines:
-            yield lines
+            pending += block
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                yield pending[:cut], pending.count(b"\n", 0, cut)
+                pending = pending[cut:]
+        if pending:
+            yield pending, 1
 
 
 def parse_batch(
@@ -239,7 +238,8 @@ def _records(batch: RawBatch) -> Iterator[dict | str | None]:
     if batch.table is not None:
         yield from batch.table.to_pylist()
         return
-    for line in batch.lines or []:
+    lines = (batch.data or b"").split(b"\n")
+    for line in lines[: batch.num_rows]:
         text = line.decode("utf-8", errors="replace")
         if not text.strip():
             yield None

@@ -1,9 +1,9 @@
 """Plan a job on the cluster. The driver streams the input in bounded batches to planning tasks
 and keeps only counts, id hashes and shard descriptions; requests never gather in one process.
 
-    read_batches (driver, streaming) --> prepare tasks: parse, tokenize, bucket -> plan/stage/BBB/NNNNNN.parquet
+    read_batches (driver, streaming) --> prepare tasks: parse, tokenize, bucket -> plan/stage/NNNNNN.parquet (a row group per bucket)
     duplicates over the id hashes (driver)
-    one task per bucket: order, group, pack -> plan/shards/BBB-KKKKK.parquet
+    one task per bucket: order, group, pack -> plan/shards/BBB.parquet, a row group per shard
     plan/shards.parquet + manifest/plan.json (written last: the plan is complete)
 
 Everything lands in the output folder, so on a cluster with shared storage any node can run any
@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import RunConfig
 from ..storage import OutputDir
 from ..storage.output import PLAN
 from ..storage.schema import ERRORS
-from ..workers.shard import ShardRef, requests_of, requests_table
+from ..workers.shard import REQUEST_SCHEMA, ShardRef, requests_table
 from .inputs import InputError, RawBatch, open_source, parse_batch, read_batches
-from .planning import duplicates, num_buckets, plan_bucket, prefill_tokens, prepare
+from .planning import duplicates, num_buckets, plan_bucket, prepare
 
 log = logging.getLogger("specbatch")
 SHARDS_FILE = "plan/shards.parquet"
@@ -38,6 +39,7 @@ SHARD_SCHEMA = pa.schema(
     [
         ("shard_id", pa.string()),
         ("path", pa.string()),
+        ("row_group", pa.int32()),
         ("num_requests", pa.int64()),
         ("prompt_tokens", pa.int64()),
         ("prefill_tokens", pa.int64()),
@@ -102,8 +104,10 @@ def prepare_batch(
         buckets,
         config.verify,
     )
-    for bucket, requests in prepared.buckets.items():
-        out.write_table(requests_table(requests), f"plan/stage/{bucket:03d}/{number:06d}.parquet")
+    buckets = sorted(prepared.buckets)
+    if buckets:  # one scratch file per batch, a row group per bucket
+        tables = [requests_table(prepared.buckets[b]) for b in buckets]
+        out.write_row_groups(tables, f"plan/stage/{number:06d}.parquet", durable=False)
     error_file = None
     if prepared.errors:
         error_file = f"errors/plan-{number:06d}.parquet"
@@ -114,22 +118,29 @@ def prepare_batch(
         "error_file": error_file,
         "ids": prepared.ids,
         "verify": prepared.verify,
-        "buckets": sorted(prepared.buckets),
+        "parts": {b: (f"plan/stage/{number:06d}.parquet", k) for k, b in enumerate(buckets)},
     }
 
 
 def plan_one_bucket(
-    bucket: int, config: RunConfig, out: OutputDir, drop: dict[int, int], verify: set[tuple[str, int]]
+    bucket: int,
+    parts: list[tuple[str, int]],
+    config: RunConfig,
+    out: OutputDir,
+    drop: dict[int, int],
+    verify: set[tuple[str, int]],
 ) -> dict:
-    """Stage 2 over one bucket: its shards' request files, and the descriptions of them."""
-    files = out.list(f"plan/stage/{bucket:03d}", ".parquet")
-    requests = [r for f in files for r in requests_of(out.read_table(f))]
-    shards, errors = plan_bucket(requests, config.shard_size, config.prefix_sharing, drop, verify)
-    described = []
-    for k, shard in enumerate(shards):
-        path = f"plan/shards/{bucket:03d}-{k:05d}.parquet"
-        out.write_table(requests_table(shard), path)
-        described.append((path, len(shard), sum(len(r.prompt_ids) for r in shard), prefill_tokens(shard)))
+    """Stage 2 over one bucket (its row groups in the scratch files): its shards' requests (one
+    file, a row group each), and their descriptions."""
+    table = pa.concat_tables([out.read_row_group(f, k) for f, k in parts]).cast(REQUEST_SCHEMA)
+    shards, prefill, errors = plan_bucket(table, config.shard_size, config.prefix_sharing, drop, verify)
+    path = f"plan/shards/{bucket:03d}.parquet"
+    if shards:
+        out.write_row_groups(shards, path)
+    described = [
+        (path, k, shard.num_rows, pc.sum(pc.list_value_length(shard["prompt_ids"])).as_py() or 0, tokens)
+        for k, (shard, tokens) in enumerate(zip(shards, prefill))
+    ]
     error_file = None
     if errors:
         error_file = f"errors/plan-duplicates-{bucket:03d}.parquet"
@@ -157,6 +168,11 @@ def _tasks(fn: Callable, calls: Iterable[tuple], use_ray: bool, max_in_flight: i
         yield ray.get(done[0])
 
 
+def on_cluster(source) -> bool:
+    """Whether plan_job plans this input on Ray by default."""
+    return source.num_bytes > LOCAL_PLAN_BYTES
+
+
 def plan_job(config: RunConfig, context: int, out: OutputDir, use_ray: bool | None = None, tokenizer=None) -> Plan:
     """Plan the whole input into out; returns the shard descriptions. use_ray: plan on the
     cluster (default: for inputs over LOCAL_PLAN_BYTES); tokenizer: instead of the model's."""
@@ -164,7 +180,7 @@ def plan_job(config: RunConfig, context: int, out: OutputDir, use_ray: bool | No
     source = open_source(config.input)
     buckets = num_buckets(source.num_bytes)
     if use_ray is None:
-        use_ray = source.num_bytes > LOCAL_PLAN_BYTES
+        use_ray = on_cluster(source)
     in_flight = 2
     if use_ray:
         import ray
@@ -176,26 +192,28 @@ def plan_job(config: RunConfig, context: int, out: OutputDir, use_ray: bool | No
     batches = read_batches(source, wanted + [config.id_column, "max_new_tokens"])
     calls = ((batch, i, config, context, buckets, out, tokenizer) for i, batch in enumerate(batches))
     rows = errors = 0
-    error_files, ids, verify, used = [], [], [], set()
+    error_files, ids, verify, parts = [], [], [], {}
     for i, result in enumerate(_tasks(prepare_batch, calls, use_ray, in_flight)):
         rows += result["rows"]
         errors += result["errors"]
         error_files += [result["error_file"]] if result["error_file"] else []
         ids.append(result["ids"])
         verify = heapq.nsmallest(config.verify + 64, verify + result["verify"]) if config.verify else []
-        used.update(result["buckets"])
+        for bucket, part in result["parts"].items():
+            parts.setdefault(bucket, []).append(part)
         if (i + 1) % 50 == 0:
             log.info("planning: %d rows read, %d rejected", rows, errors)
+    log.info("planning: %d rows read and tokenized in %.1fs; grouping %d buckets", rows, time.perf_counter() - t0, len(parts))
     drop = duplicates(np.concatenate(ids) if ids else np.zeros((0, 2), np.int64))
     chosen = {(rid, sample) for _, index, rid, sample in [v for v in verify if v[1] not in drop][: config.verify]}
-    calls = ((b, config, out, drop, chosen) for b in sorted(used))
+    calls = ((b, sorted(parts[b]), config, out, drop, chosen) for b in sorted(parts))
     planned = sorted(_tasks(plan_one_bucket, calls, use_ray, in_flight), key=lambda r: r["bucket"])
     shards = []
     for result in planned:
         errors += result["errors"]
         error_files += [result["error_file"]] if result["error_file"] else []
-        for path, n, prompt, prefill in result["shards"]:
-            shards.append(ShardRef(f"shard-{len(shards):05d}", path, n, prompt, prefill))
+        for path, row_group, n, prompt, prefill in result["shards"]:
+            shards.append(ShardRef(f"shard-{len(shards):05d}", path, row_group, n, prompt, prefill))
     plan = Plan(shards, rows, errors, sorted(error_files), time.perf_counter() - t0)
     out.write_table(pa.Table.from_pylist([s.__dict__ for s in shards], schema=SHARD_SCHEMA), SHARDS_FILE)
     out.write_unit(PLAN, {}, summary=plan.summary(), files={"errors": plan.error_files})

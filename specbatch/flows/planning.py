@@ -23,13 +23,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from ..decoding.prefix_tree import shared_prefix_lengths
+from ..decoding.prefix_tree import shared_prefix_lengths_sorted
 from ..workers.shard import ShardRequest
 from .inputs import InputError, InputRow
 
 BUCKET_KEY_TOKENS = 16  # prompts sharing fewer tokens than this are planned apart: too few to matter
-BUCKET_BYTES = 64 << 20  # input bytes per bucket: one bucket (one global plan) for small inputs
+BUCKET_BYTES = 16 << 20  # input bytes per bucket: one bucket (one global plan) for small inputs, and
+# enough buckets for stage 2 to keep every core busy on large ones
 MAX_BUCKETS = 256
 
 def num_buckets(input_bytes: int) -> int:
@@ -58,6 +60,21 @@ def id_hash(request_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
+def encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of texts, as tokenizer(texts) gives them. A fast tokenizer's Rust backend is
+    called directly (transformers' per-row Python conversion costs as much again), once it gave
+    the same ids on these texts' first few."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None and getattr(tokenizer, "is_fast", False):
+        head = texts[:8]
+        if [e.ids for e in fast(head, add_special_tokens=add_special_tokens)] == [
+            list(ids) for ids in tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"]
+        ]:
+            return [e.ids for e in fast(texts, add_special_tokens=add_special_tokens)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+
 def render(rows: list[InputRow], tokenizer) -> list[tuple[str, list[int]] | str]:
     """Each row's prompt text and token ids, or the reason it has none; one tokenizer call per kind."""
     out: list[tuple[str, list[int]] | str] = [""] * len(rows)
@@ -65,8 +82,8 @@ def render(rows: list[InputRow], tokenizer) -> list[tuple[str, list[int]] | str]
     chats = [i for i, r in enumerate(rows) if r.messages is not None]
     if plain:
         texts = [rows[i].prompt for i in plain]
-        for i, text, ids in zip(plain, texts, tokenizer(texts)["input_ids"]):
-            out[i] = (text, list(ids))
+        for i, text, ids in zip(plain, texts, encode(tokenizer, texts)):
+            out[i] = (text, ids)
     if chats:
         if not getattr(tokenizer, "chat_template", None):
             for i in chats:
@@ -81,9 +98,9 @@ def render(rows: list[InputRow], tokenizer) -> list[tuple[str, list[int]] | str]
                 out[i] = f"the chat template refused the messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ok = [(i, t) for i, t in zip(chats, texts) if t is not None]
         if ok:
-            ids = tokenizer([t for _, t in ok], add_special_tokens=False)["input_ids"]
+            ids = encode(tokenizer, [t for _, t in ok], add_special_tokens=False)
             for (i, text), row_ids in zip(ok, ids):
-                out[i] = (text, list(row_ids))
+                out[i] = (text, row_ids)
     return out
 
 
@@ -155,47 +172,89 @@ def duplicates(ids: np.ndarray) -> dict[int, int]:
 
 
 def plan_bucket(
-    requests: list[ShardRequest],
+    table: pa.Table,
     shard_size: int,
     share_prefixes: bool = True,
     drop: dict[int, int] | None = None,
     verify: set[tuple[str, int]] | None = None,
-) -> tuple[list[list[ShardRequest]], list[InputError]]:
-    """Order, group and pack one bucket's requests. drop: duplicate rows (input_index -> the first
-    row with that id) become errors; verify: the (request_id, sample_index) to re-decode."""
+) -> tuple[list[pa.Table], list[int], list[InputError]]:
+    """Order, group and pack one bucket's requests (a table of REQUEST_SCHEMA), column-wise.
+    drop: duplicate rows (input_index -> the first row with that id) become errors; verify: the
+    (request_id, sample_index) to re-decode. Returns the shards' tables, the prompt tokens each
+    computes (prefill), and the errors."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     errors = []
     if drop:
-        for r in requests:
-            if r.input_index in drop and r.sample_index == 0:
-                reason = f"duplicate id {r.request_id!r} (first used by row {drop[r.input_index]})"
-                errors.append(InputError(r.request_id, r.input_index, reason))
-        requests = [r for r in requests if r.input_index not in drop]
-    keys = [token_key(r.prompt_ids) for r in requests]
-    order = sorted(range(len(requests)), key=lambda i: (keys[i], requests[i].input_index, requests[i].sample_index))
-    requests = [requests[i] for i in order]
-    for r in requests:
-        r.verify = bool(verify) and (r.request_id, r.sample_index) in verify
-    if share_prefixes:
-        for r, n in zip(requests, shared_prefix_lengths([r.prompt_ids for r in requests])):
-            r.prefix_len = n
-    return pack(requests, shard_size), errors
+        dropped = np.isin(table["input_index"].to_numpy(), np.fromiter(drop, np.int64, len(drop)))
+        if dropped.any():
+            gone = table.filter(pa.array(dropped)).to_pylist()
+            errors = [
+                InputError(r["request_id"], r["input_index"], f"duplicate id {r['request_id']!r} (first used by row {drop[r['input_index']]})")
+                for r in gone
+                if r["sample_index"] == 0
+            ]
+            table = table.filter(pa.array(~dropped))
+    n = table.num_rows
+    ids = table["prompt_ids"].combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    flat = ids.values.to_numpy().astype(">u4").tobytes()
+    keys = [flat[4 * offsets[i] : 4 * offsets[i + 1]] for i in range(n)]
+    index, sample = table["input_index"].to_pylist(), table["sample_index"].to_pylist()
+    order = sorted(range(n), key=lambda i: (keys[i], index[i], sample[i]))
+    keys = [keys[i] for i in order]
+    table = table.take(pa.array(order, pa.int64()))
+    shared = shared_prefix_lengths_sorted(keys) if share_prefixes else [0] * n
+    table = table.set_column(table.schema.get_field_index("prefix_len"), "prefix_len", pa.array(shared, pa.int32()))
+    if verify:
+        chosen = [(rid, k) in verify for rid, k in zip(table["request_id"].to_pylist(), table["sample_index"].to_pylist())]
+        table = table.set_column(table.schema.get_field_index("verify"), "verify", pa.array(chosen, pa.bool_()))
+    groups = [(p, key[: 4 * p]) if p else None for key, p in zip(keys, shared)]
+    shards, prefill, start = [], [], 0
+    for size in cut([len(g) for g in _runs(groups)], shard_size):
+        shards.append(table.slice(start, size))
+        prefill.append(prefill_tokens(keys[start : start + size], groups[start : start + size]))
+        start += size
+    return shards, prefill, errors
 
 
-def token_key(ids: list[int]) -> bytes:
-    """Bytes that sort as the token ids do (big-endian, so a prefix sorts first)."""
-    return np.asarray(ids, dtype=">u4").tobytes()
+def _runs(groups: list) -> list[list]:
+    """Consecutive runs of one prefix group; an unshared request is a run of one."""
+    runs: list[list] = []
+    for g in groups:
+        if g is not None and runs and runs[-1][-1] == g:
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    return runs
 
 
-def prefill_tokens(requests: list[ShardRequest]) -> int:
-    """Prompt tokens the engine computes for these requests run together: a group's prefix once."""
-    keys = [tuple(r.prompt_ids[: r.prefix_len]) if r.prefix_len else None for r in requests]
-    counts = Counter(k for k in keys if k is not None)
-    total = sum(len(k) for k in counts if counts[k] > 1)
-    for r, k in zip(requests, keys):
-        total += len(r.prompt_ids) - (len(k) if k is not None and counts[k] > 1 else 0)
+def prefill_tokens(keys: list[bytes], groups: list) -> int:
+    """Prompt tokens the engine computes for these requests run together: a group's prefix once
+    (a group with one member here is computed in full, as the engine does)."""
+    counts = Counter(g for g in groups if g is not None)
+    total = sum(len(g[1]) // 4 for g in counts if counts[g] > 1)
+    for key, g in zip(keys, groups):
+        total += (len(key) - (len(g[1]) if g is not None and counts[g] > 1 else 0)) // 4
     return total
+
+
+def cut(group_sizes: list[int], shard_size: int) -> list[int]:
+    """Shard sizes for ordered groups: at most shard_size each, groups kept whole where that
+    leaves shards at least half full."""
+    shards = [0]
+    for group in group_sizes:
+        if group > shard_size - shards[-1] and shards[-1] >= shard_size / 2:
+            shards.append(0)
+        while group:
+            room = shard_size - shards[-1]
+            if not room:
+                shards.append(0)
+                continue
+            take = min(room, group)
+            shards[-1] += take
+            group -= take
+    return [s for s in shards if s]
 
 
 def prefix_groups(requests: list[ShardRequest]) -> list[list[ShardRequest]]:
@@ -217,19 +276,9 @@ def prefix_groups(requests: list[ShardRequest]) -> list[list[ShardRequest]]:
 
 
 def pack(requests: list[ShardRequest], shard_size: int) -> list[list[ShardRequest]]:
-    """Cut the ordered requests into shards of at most shard_size, keeping prefix groups whole
-    where that leaves shards at least half full."""
-    shards: list[list[ShardRequest]] = [[]]
-    for group in prefix_groups(requests):
-        room = shard_size - len(shards[-1])
-        if len(group) > room and len(shards[-1]) >= shard_size / 2:
-            shards.append([])
-        while group:
-            room = shard_size - len(shards[-1])
-            if not room:
-                shards.append([])
-                continue
-            shards[-1].extend(group[:room])
-            group = group[room:]
-    return [s for s in shards if s]
-
+    """Cut ordered requests into shards as plan_bucket does."""
+    shards, start = [], 0
+    for size in cut([len(g) for g in prefix_groups(requests)], shard_size):
+        shards.append(requests[start : start + size])
+        start += size
+    return shards

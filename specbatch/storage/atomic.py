@@ -28,12 +28,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet(table: pa.Table, path: Path) -> None:
+def write_parquet(table: pa.Table | list[pa.Table], path: Path, durable: bool = True) -> None:
+    """One table, or a list of tables written as one row group each."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        _fsync(tmp)
+        if isinstance(table, list):
+            with pq.ParquetWriter(tmp, table[0].schema, compression="zstd") as w:
+                for t in table:
+                    w.write_table(t, row_group_size=max(1, t.num_rows))
+        else:
+            pq.write_table(table, tmp, compression="zstd")
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ or the plan), and a manifest that says which units are complete.
     out/                           a local path or a URI: s3://bucket/jobs/run-7, gs://..., file://...
       run.json                     identity of the run (fingerprint of model, config, input)
       plan/shards.parquet          the planned shards (ids, request files, sizes)
-      plan/shards/000-00003.parquet  one shard's requests, read by the worker that runs it
+      plan/shards/000.parquet      a bucket's shards' requests, a row group per shard, read by the worker
       generations/shard-00003.parquet
       requests/shard-00003.parquet
       steps/shard-00003.parquet
@@ -63,25 +63,39 @@ class OutputDir:
         if self.local:
             self.fs.create_dir(self.base, recursive=True)
 
-    def write_table(self, table: pa.Table, relative: str) -> None:
+    def write_table(self, table: pa.Table, relative: str, durable: bool = True) -> None:
+        """Atomically; durable=False skips the fsync, for scratch files that are remade on a crash."""
         if self.local:
-            write_parquet(table, Path(self.path(relative)))
+            write_parquet(table, Path(self.path(relative)), durable)
         else:
             pq.write_table(table, self.path(relative), filesystem=self.fs, compression="zstd")
 
     def read_table(self, relative: str) -> pa.Table:
         return pq.read_table(self.path(relative), filesystem=self.fs)
 
+    def write_row_groups(self, tables: list[pa.Table], relative: str, durable: bool = True) -> None:
+        """One Parquet file, one row group per table (read back one at a time with read_row_group)."""
+        if self.local:
+            write_parquet(tables, Path(self.path(relative)), durable)
+            return
+        with pq.ParquetWriter(self.path(relative), tables[0].schema, filesystem=self.fs, compression="zstd") as w:
+            for t in tables:
+                w.write_table(t, row_group_size=max(1, t.num_rows))
+
+    def read_row_group(self, relative: str, index: int) -> pa.Table:
+        with self.fs.open_input_file(self.path(relative)) as f:
+            return pq.ParquetFile(f).read_row_group(index)
+
     def write_json(self, obj, relative: str) -> None:
         if self.local:
             write_json(obj, Path(self.path(relative)))
         else:
-            with self.fs.open_output_stream(self.path(relative)) as f:
+            with self.fs.open_output_stream(self.path(relative), compression=None) as f:
                 f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def read_json(self, relative: str):
         try:
-            with self.fs.open_input_stream(self.path(relative)) as f:
+            with self.fs.open_input_stream(self.path(relative), compression=None) as f:
                 return json.load(io.BytesIO(f.read()))
         except FileNotFoundError:
             return None
@@ -146,10 +160,10 @@ class OutputDir:
     def complete_units(self) -> set[str]:
         return {e["unit"] for e in self.manifest() if not e["summary"].get("failed", False)}
 
-    def files_of(self, table: str) -> list[str]:
+    def files_of(self, table: str, manifest: list[dict] | None = None) -> list[str]:
         """The complete files of one table (paths inside the filesystem), in unit order."""
         files = []
-        for e in self.manifest():
+        for e in self.manifest() if manifest is None else manifest:
             named = e["files"].get(table, [])
             files += [self.path(f) for f in ([named] if isinstance(named, str) else named)]
         if table == "runs":

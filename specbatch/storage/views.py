@@ -29,8 +29,9 @@ def connect(out_dir: Path | str, database: str = ":memory:") -> duckdb.DuckDBPyC
     if not out.exists():
         raise FileNotFoundError(f"output folder {out.uri!r} does not exist")
     con = duckdb.connect(database)
+    manifest = out.manifest()
     for name, schema in TABLES.items():
-        files = out.files_of(name)
+        files = out.files_of(name, manifest)
         if files and out.local:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)})")
             continue

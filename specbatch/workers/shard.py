@@ -36,13 +36,14 @@ class ShardRef:
     """A planned shard: where its requests are, and how much work it holds."""
 
     shard_id: str
-    path: str  # relative to the output folder
+    path: str  # relative to the output folder: a Parquet file with one row group per shard
+    row_group: int
     num_requests: int
     prompt_tokens: int
     prefill_tokens: int  # prompt tokens computed: shared prefixes once
 
     def load(self, out) -> Shard:
-        return Shard(self.shard_id, requests_of(out.read_table(self.path)))
+        return Shard(self.shard_id, requests_of(out.read_row_group(self.path, self.row_group)))
 
 
 REQUEST_SCHEMA = pa.schema(
@@ -61,8 +62,10 @@ REQUEST_SCHEMA = pa.schema(
 
 
 def requests_table(requests: list[ShardRequest]) -> pa.Table:
-    return pa.Table.from_pylist([r.__dict__ for r in requests], schema=REQUEST_SCHEMA)
+    columns = {name: [getattr(r, name) for r in requests] for name in REQUEST_SCHEMA.names}
+    return pa.table(columns, schema=REQUEST_SCHEMA)
 
 
 def requests_of(table: pa.Table) -> list[ShardRequest]:
-    return [ShardRequest(**row) for row in table.to_pylist()]
+    columns = [table.column(name).to_pylist() for name in REQUEST_SCHEMA.names]
+    return [ShardRequest(*values) for values in zip(*columns)]
