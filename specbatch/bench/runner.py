@@ -114,6 +114,7 @@ class PeakMemory:
 def pipeline_row(workload: Workload, tokenizer, batch_size: int) -> tuple[Measurement, str] | None:
     """The workload as a JSONL file through the whole pipeline: Prefect flow, Ray worker, Parquet."""
     try:
+        from ..config import RunConfig
         from ..flows.generate import generate
         from ..storage import connect
     except ImportError as e:  # a GPU box with the engine only
@@ -125,12 +126,14 @@ def pipeline_row(workload: Workload, tokenizer, batch_size: int) -> tuple[Measur
         path.write_text("".join(json.dumps({"id": f"{i:05d}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
         t0 = time.perf_counter()
         generate(
-            input=str(path),
-            out=str(Path(tmp) / "out"),
-            max_new_tokens=workload.max_new_tokens,
-            batch_size=batch_size,
-            shard_size=len(texts),
-            workers=1,
+            RunConfig(
+                input=str(path),
+                out=str(Path(tmp) / "out"),
+                max_new_tokens=workload.max_new_tokens,
+                batch_size=batch_size,
+                shard_size=len(texts),
+                workers=1,
+            )
         )
         seconds = time.perf_counter() - t0
         rows = (

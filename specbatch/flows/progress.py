@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RunProgress:
-    def __init__(self, total_requests: int, already_done: int, description: str, artifact_every: float = 2.0) -> None:
+    def __init__(self, total_requests: int, already_done: int, description: str, artifact_every: float = 10.0) -> None:
         self.total = max(total_requests, 1)
         self.already_done = already_done
         self.start = time.perf_counter()
@@ -26,6 +26,7 @@ class RunProgress:
             TimeElapsedColumn(),
             console=Console(stderr=True),
             transient=False,
+            refresh_per_second=1,  # the driver shares the machine with a worker: redraw seldom
         )
         self.task = self.bar.add_task(description, total=total_requests, completed=already_done, rate="")
         self.artifact_id = create_progress_artifact(

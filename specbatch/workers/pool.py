@@ -24,7 +24,8 @@ from .shard import ShardRef
 from .shard_runner import ShardSummary
 
 log = logging.getLogger("specbatch")
-REQUESTS_PER_CALL = 32  # times the batch size: a call's batch drains once, at its end
+REQUESTS_PER_CALL = 256  # times the batch size, at most: a call's batch drains once, at its end
+POLL_SECONDS = 2.0  # how often the driver asks workers for progress
 
 
 @dataclass
@@ -95,7 +96,7 @@ class WorkerPool:
                 actor = idle.pop()
                 ref = actor.run_shards.remote(call, out.uri, attempt)
                 in_flight[ref] = (actor, call, attempt, last_seen.get(actor, (0, 0)))
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
                 actor, call, attempt, _ = in_flight.pop(ref)
                 try:
