@@ -2,14 +2,14 @@
 engine's throughput a whole `specbatch run` keeps.
 
     python benchmarks/scale.py planning [--rows 100000,1000000] [--words 100]
-    python benchmarks/scale.py e2e [--rows 2000] [--batch-size 16] [--max-new-tokens 32]
+    python benchmarks/scale.py e2e [--rows 2000] [--words 112] [--batch-size 16] [--max-new-tokens 32]
 
 planning: writes ROWS generated prompts (JSONL: one of 20 shared system prompts, then WORDS/2
-words of its own; ~4 demo-tokenizer tokens a word) and runs `specbatch plan` on them in a child
+words of its own; about 1.2 demo-tokenizer tokens a word) and runs `specbatch plan` on them in a child
 process, sampling that process's resident memory (the driver; Ray's task processes are
 reported apart). Prints rows/s, prompt tokens/s and the driver's peak.
 
-e2e: ROWS prompts of about 160 tokens in 20 shared-prefix groups, MAX_NEW_TOKENS each, greedy,
+e2e: ROWS prompts of about 160 tokens (WORDS words) in 20 shared-prefix groups, MAX_NEW_TOKENS each, greedy,
 the demo target. The engine alone (this process: tokenize, plan prefixes, one Engine.generate
 over every request) against `specbatch run` (a child process: Prefect, Ray, one worker,
 Parquet) on the same prompts; checks the outputs are identical and prints tokens/s of both,
@@ -125,7 +125,7 @@ def engine_alone(path: Path, batch_size: int, max_new_tokens: int) -> tuple[floa
 def cmd_e2e(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "prompts.jsonl"
-        write_prompts(path, args.rows, 40)
+        write_prompts(path, args.rows, args.words)
         engine_tps, engine_out = engine_alone(path, args.batch_size, args.max_new_tokens)
         out = Path(folder) / "out"
         command = [sys.executable, "-m", "specbatch.cli", "run", str(path), "--out", str(out), "--batch-size",
@@ -159,6 +159,7 @@ def main() -> None:
     planning.add_argument("--words", type=int, default=100)
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--rows", type=int, default=2000)
+    e2e.add_argument("--words", type=int, default=112)
     e2e.add_argument("--batch-size", type=int, default=16)
     e2e.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()

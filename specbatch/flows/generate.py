@@ -106,11 +106,12 @@ def check_run(config: RunConfig) -> dict:
             "created_at": _now().isoformat(),
             "invocations": 0,
         }
-    if existing["identity"] != ident:
+    # A setting an older run did not record reads as its default (None), so upgrading mid-job resumes.
+    different = [k for k, v in ident.items() if existing["identity"].get(k) != v]
+    if different:
         changed = ", ".join(
-            f"{k} ({existing['identity'].get(k)!r} -> {v!r})" if k != "input_sha256" else "the input files' content"
-            for k, v in ident.items()
-            if existing["identity"].get(k) != v
+            f"{k} ({existing['identity'].get(k)!r} -> {ident[k]!r})" if k != "input_sha256" else "the input files' content"
+            for k in different
         )
         raise SpecbatchError(
             f"{config.out} holds run {existing['run_id']} made with other settings: {changed}; "
