@@ -198,6 +198,7 @@ def plan_job(config: RunConfig, context: int, out: OutputDir, use_ray: bool | No
         errors += result["errors"]
         error_files += [result["error_file"]] if result["error_file"] else []
         ids.append(result["ids"])
+        # the first candidates in verify order; a few spare, for those that turn out duplicates
         verify = heapq.nsmallest(config.verify + 64, verify + result["verify"]) if config.verify else []
         for bucket, part in result["parts"].items():
             parts.setdefault(bucket, []).append(part)
