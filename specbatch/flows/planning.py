@@ -257,28 +257,11 @@ def cut(group_sizes: list[int], shard_size: int) -> list[int]:
     return [s for s in shards if s]
 
 
-def prefix_groups(requests: list[ShardRequest]) -> list[list[ShardRequest]]:
-    """Consecutive runs of requests that share one prefix; an unshared request is a run of one."""
-    runs: list[list[ShardRequest]] = []
-    for r in requests:
-        key = tuple(r.prompt_ids[: r.prefix_len]) if r.prefix_len else None
-        last = runs[-1][-1] if runs else None
-        if (
-            key is not None
-            and last is not None
-            and last.prefix_len
-            and tuple(last.prompt_ids[: last.prefix_len]) == key
-        ):
-            runs[-1].append(r)
-        else:
-            runs.append([r])
-    return runs
-
-
 def pack(requests: list[ShardRequest], shard_size: int) -> list[list[ShardRequest]]:
     """Cut ordered requests into shards as plan_bucket does."""
+    groups = [(r.prefix_len, tuple(r.prompt_ids[: r.prefix_len])) if r.prefix_len else None for r in requests]
     shards, start = [], 0
-    for size in cut([len(g) for g in prefix_groups(requests)], shard_size):
+    for size in cut([len(g) for g in _runs(groups)], shard_size):
         shards.append(requests[start : start + size])
         start += size
     return shards
