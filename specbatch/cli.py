@@ -29,7 +29,7 @@ _ENV_DEFAULTS = {
 DEMO_DEFAULTS = {"max_new_tokens": 64, "shard_size": 16}
 
 
-def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("input", "out")) -> None:
+def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("input", "out", "input_files")) -> None:
     """One option per RunConfig field. Values go to RunConfig as given, which checks them all."""
     from typing import Literal, get_args, get_origin
 
@@ -38,13 +38,13 @@ def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("input
     for name, field in RunConfig.model_fields.items():
         if name in skip:
             continue
-        if name == "prefix_sharing":
+        if field.annotation is bool:  # a switch: --name turns on what is off by default, --no-name the reverse
             p.add_argument(
-                "--no-prefix-sharing",
+                option(name) if not field.default else "--no-" + option(name)[2:],
                 dest=name,
-                action="store_false",
+                action="store_false" if field.default else "store_true",
                 default=argparse.SUPPRESS,
-                help="compute every prompt in full (for comparison; outputs are the same)",
+                help=field.description,
             )
             continue
         literal = get_origin(field.annotation) is Literal
@@ -85,12 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="dry run: plan the job (read, tokenize, group, shard) and print what it holds")
     plan.add_argument("input", help="prompts, as for run")
-    _add_run_options(plan, skip=("input", "out", "workers", "batch_size", "device", "ray_address"))
+    _add_run_options(plan, skip=("input", "out", "input_files", "workers", "batch_size", "device", "ray_address"))
 
     query = sub.add_parser("query", help="run SQL over an output folder's views")
     query.add_argument("out", help="output folder")
     query.add_argument("sql", help='e.g. "select method, avg(completion_tokens) from requests group by 1"')
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="serve a scheduled incremental job on a Prefect server: each run takes the input files no run took before",
+    )
+    deploy.add_argument("name", help="the deployment's name")
+    deploy.add_argument("input", help="a folder, glob or object-store prefix that grows")
+    deploy.add_argument("--out", required=True, help="the job's root: each run writes a dated folder under it")
+    when = deploy.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='a cron schedule, e.g. "0 2 * * *" (UTC)')
+    when.add_argument("--interval", type=float, help="run every this many seconds")
+    _add_run_options(deploy)
+
+    report = sub.add_parser("report", help="an HTML report (and PNG plots) of output folders, side by side")
+    report.add_argument("outs", nargs="+", metavar="OUT", help="output folders or URIs (a run, or an incremental job's root)")
+    report.add_argument("--html", default="specbatch-report.html", help="file to write; PNGs go beside it (default: %(default)s)")
+    report.add_argument("--label", action="append", help="a name per OUT, in order (default: the run id)")
 
     bench = sub.add_parser("bench", help="peers side by side on the demo models: tokens/s, identical outputs, MFU")
     bench.add_argument("--out", required=True, help="folder for bench.parquet and bench.png")
@@ -136,6 +153,44 @@ def cmd_query(args) -> None:
     columns = [d[0] for d in cursor.description or []]
     rows = cursor.fetchall()
     write_rows(columns, rows, args.format)
+
+
+def cmd_deploy(args) -> None:
+    """Register the deployment on the Prefect server PREFECT_API_URL names and serve its runs here
+    until interrupted. Runs never overlap: a run due while the last still runs is cancelled (the
+    next one takes the files it would have)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+    from prefect.settings import PREFECT_API_URL
+
+    from .flows.generate import check_model
+    from .flows.incremental import incremental
+
+    if not PREFECT_API_URL.value():
+        raise SpecbatchError(
+            "deploy needs a Prefect server that outlives this command: start one (prefect server start "
+            "--host 127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    here = {k: v if "://" in v else str(Path(v).expanduser().resolve()) for k, v in (("input", args.input), ("out", args.out))}
+    config = run_config(args, **here)
+    check_model(config)  # a bad model or method fails now, not at 2 a.m.
+    incremental.serve(
+        name=args.name,
+        cron=args.cron,
+        interval=args.interval,
+        parameters={"config": config.model_dump(mode="json")},
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description=f"specbatch: new files of {config.input} into {config.out}/<time>/",
+    )
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    if args.label and len(args.label) != len(args.outs):
+        raise SpecbatchError(f"--label: {len(args.label)} labels for {len(args.outs)} output folders")
+    print(write_report(args.outs, args.html, args.label))
 
 
 def write_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
@@ -251,6 +306,7 @@ def _log_to_stderr(logger: logging.Logger) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # Prefect's root console handler would print every line again
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cmd_plan(args), indent=1))
         elif args.command == "query":
             cmd_query(args)
+        elif args.command == "report":
+            cmd_report(args)
+        elif args.command == "deploy":
+            cmd_deploy(args)
         elif args.command == "demo":
             cmd_demo(args)
         elif args.command == "bench":

@@ -22,6 +22,9 @@ class RunConfig(BaseModel):
 
     input: str = Field(description="prompt file, folder or glob (JSONL, .jsonl.gz, .jsonl.zst, Parquet); path or URI")
     out: str = Field(description="output folder or URI (rerun over it to resume)")
+    input_files: tuple[str, ...] | None = Field(
+        None, description="only these files of the input, by name (what an incremental run takes; not a CLI option)"
+    )
     model: str = Field("demo", description="local folder or hub id (default: the bundled demo target)")
     method: str = Field("ar", description="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     draft: str | None = Field(None, description="draft model for --method draft (with the demo target: the demo draft)")
@@ -38,7 +41,9 @@ class RunConfig(BaseModel):
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int = Field(0, description="run seed; each request's seed derives from it and the request")
     n: int = Field(1, ge=1, description="samples per prompt (sample_index 0..N-1); they share the prompt's KV")
-    prefix_sharing: bool = Field(True, description="compute a shared prefix once per group (outputs are the same)")
+    prefix_sharing: bool = Field(
+        True, description="--no-prefix-sharing: compute every prompt in full, not shared prefixes once (outputs are the same)"
+    )
     prompt_column: str | None = Field(
         None,
         description="column with the prompt text or the messages list (default: 'prompt', else 'messages')",
@@ -50,6 +55,12 @@ class RunConfig(BaseModel):
     device: str = Field("cpu", description="cpu or cuda")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
     ray_address: str | None = Field(None, description="join this Ray cluster (default: a local one)")
+    trust_remote_code: bool = Field(
+        False, description="run the Python code a model folder or hub repo ships (off: only transformers' own code)"
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="also load .bin/.pt weights, pickles that can run code when read (off: safetensors only)"
+    )
     verify: int = Field(
         0,
         ge=0,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ..config import RunConfig
@@ -77,7 +77,7 @@ def check_model(config: RunConfig) -> RunConfig:
     """Refuse models and methods the engine cannot run exactly, from the config alone (no weights).
     Returns the config with the model and draft resolved."""
     resolved = config.resolved()
-    model_config = load_config(resolved.model)
+    model_config = load_config(resolved.model, resolved.trust_remote_code)
     try:  # attention variants the engine cannot reproduce exactly are refused here, from the config
         attention_layout(model_config)
     except UnsupportedModel as e:
@@ -89,13 +89,13 @@ def check_model(config: RunConfig) -> RunConfig:
             f"use another --method ({', '.join(m for m in METHODS if m != config.method)})"
         )
     if resolved.draft is not None:
-        check_same_vocabulary(resolved.model, resolved.draft)
+        check_same_vocabulary(resolved.model, resolved.draft, resolved.trust_remote_code)
     return resolved
 
 
 def check_run(config: RunConfig) -> dict:
     """Validate what can be checked cheaply, before any worker starts. Returns run.json's content."""
-    source = open_source(config.input)
+    source = open_source(config.input, config.input_files)
     resolved = check_model(config)
     ident = identity(resolved, source)
     existing = OutputDir(config.out).read_run()
@@ -128,7 +128,8 @@ def ray_connection(address: str | None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, object_store_memory=256 * 1024**2)
+            # "local": a new instance of our own, even where another one runs on this machine
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, object_store_memory=256 * 1024**2)
     try:
         yield
     finally:
@@ -143,7 +144,7 @@ def plan(config: RunConfig, out: OutputDir) -> Plan:
     if existing is not None:
         get_run_logger().info("resuming: the plan of %d shards is already made", len(existing.shards))
         return existing
-    result = plan_job(config, context_length(load_config(config.model)), out)
+    result = plan_job(config, context_length(load_config(config.model, config.trust_remote_code)), out)
     get_run_logger().info(
         "planned %d requests in %d shards in %.1fs; %d rows rejected",
         result.num_requests,
@@ -156,25 +157,30 @@ def plan(config: RunConfig, out: OutputDir) -> Plan:
 
 def dry_run(config: RunConfig) -> dict:
     """`specbatch plan`: plan into a temporary folder and describe the plan; no model weights, no workers."""
-    source = open_source(config.input)
+    source = open_source(config.input, config.input_files)
     resolved = config.resolved()
     cluster = ray_connection(config.ray_address) if on_cluster(source) else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="specbatch-plan-") as folder, cluster:
-        result = plan_job(resolved, context_length(load_config(resolved.model)), OutputDir(folder))
+        result = plan_job(resolved, context_length(load_config(resolved.model, resolved.trust_remote_code)), OutputDir(folder))
     return {"input": config.input, "files": len(source.files), "input_bytes": source.num_bytes} | result.summary()
 
 
 @task(cache_policy=NO_CACHE)
-def dispatch(plan: Plan, config: RunConfig, out: OutputDir) -> tuple[DispatchReport, float]:
+def dispatch(plan: Plan, config: RunConfig, out: OutputDir, pool: WorkerPool | None = None) -> tuple[DispatchReport, float]:
+    """Run the shards not yet complete; pool: workers started earlier (shut down here either way)."""
     complete = out.complete_units()
     todo = [s for s in plan.shards if s.shard_id not in complete]
     skipped = len(plan.shards) - len(todo)
     if skipped:
         get_run_logger().info("resuming: %d of %d shards already complete", skipped, len(plan.shards))
     if not todo:
+        if pool is not None:
+            pool.shutdown()
         return DispatchReport(), 0.0
     t0 = time.perf_counter()
-    pool = WorkerPool(config, min(config.workers, len(todo)))
+    if pool is None:
+        pool = WorkerPool(config, min(config.workers, len(todo)))
+    pool.shrink(len(todo))
     try:
         done_before = plan.num_requests - sum(s.num_requests for s in todo)
         with RunProgress(plan.num_requests, done_before, "generating") as progress:
@@ -267,9 +273,36 @@ def generate(config: RunConfig) -> dict:
     output.clean()
     output.write_run(run)
     with ray_connection(config.ray_address):
-        the_plan = plan(config, output)
-        report, seconds = dispatch(the_plan, config, output)
-    return finalize(config, run, the_plan, report, seconds, output)
+        # Workers load their models while the driver plans, unless planning runs on the cluster's CPUs.
+        pool = None if on_cluster(open_source(config.input, config.input_files)) else WorkerPool(config, config.workers)
+        try:
+            the_plan = plan(config, output)
+        except BaseException:
+            if pool is not None:
+                pool.shutdown()
+            raise
+        dispatched, seconds = dispatch(the_plan, config, output, pool)
+    summary = finalize(config, run, the_plan, dispatched, seconds, output)
+    summary["report"] = publish_report(output)
+    return summary
+
+
+@task(cache_policy=NO_CACHE)
+def publish_report(out: OutputDir) -> str:
+    """The run's HTML report (and its PNGs) into OUT/report/, and a Prefect artifact pointing at it."""
+    from ..report import write_report
+
+    with tempfile.TemporaryDirectory(prefix="specbatch-report-") as folder:
+        write_report([out.uri], Path(folder) / "report.html")
+        for f in sorted(Path(folder).iterdir()):
+            out.write_bytes(f.read_bytes(), f"report/{f.name}")
+    where = Path(out.path("report/report.html")).as_uri() if out.local else f"{out.uri.rstrip('/')}/report/report.html"
+    create_markdown_artifact(
+        markdown=f"**specbatch report**: [{where}]({where})\n\nOpen it in a browser, or rebuild it with `specbatch report {out.uri}`.",
+        key="specbatch-report",
+        description="the run's HTML report",
+    )
+    return where
 
 
 def verification_summary(con) -> tuple[int, list[str]]:

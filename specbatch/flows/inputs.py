@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +90,11 @@ class InputSource:
     uri: str
     fs: pafs.FileSystem
     files: list[InputFile] = field(default_factory=list)
+    named: bool = False  # default row ids carry the file's name even when there is one file
+
+    @property
+    def qualified_ids(self) -> bool:
+        return self.named or len(self.files) > 1
 
     @property
     def num_bytes(self) -> int:
@@ -130,8 +135,21 @@ def _is_prompt_file(path: str) -> bool:
     return not name.startswith((".", "_")) and path.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
 
 
-def open_source(uri: str) -> InputSource:
-    """Find the prompt files of an input; a user error when there are none."""
+def open_source(uri: str, only: Sequence[str] | None = None) -> InputSource:
+    """Find the prompt files of an input; a user error when there are none. only: just these
+    files (by name, as a folder or glob input names them: an incremental run's share), whose
+    default row ids then always carry the file's name."""
+    source = _find(uri)
+    if only is None:
+        return source
+    by_name = {f.name: f for f in source.files}
+    missing = [name for name in only if name not in by_name]
+    if missing:
+        raise SpecbatchError(f"input {uri!r} no longer holds {', '.join(map(repr, missing[:5]))}")
+    return InputSource(uri, source.fs, [by_name[name] for name in only], named=True)
+
+
+def _find(uri: str) -> InputSource:
     parts = uri.split("/")
     glob_at = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
     base_uri = "/".join(parts[:glob_at]) if glob_at is not None else uri
@@ -174,7 +192,7 @@ def read_batches(source: InputSource, columns: list[str] | None = None) -> Itera
     """Stream the input in batches, in order; never more than one batch of a file in memory."""
     index = 1
     for f in source.files:
-        label = f.name if len(source.files) > 1 else ""
+        label = f.name if source.qualified_ids else ""
         if f.is_parquet:
             try:
                 parquet = pq.ParquetFile(source.fs.open_input_file(f.path))

@@ -13,7 +13,9 @@ in this process, one after another.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import heapq
 import logging
 import time
@@ -82,12 +84,26 @@ def errors_table(errors: list[InputError]) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model: str):
+def _tokenizer(model: str, trust_remote_code: bool):
     from ..workers.models import load_tokenizer
 
-    return load_tokenizer(model)
+    return load_tokenizer(model, trust_remote_code)
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """A batch makes a few million small objects (token ids) that live exactly as long as the call:
+    the collector, triggered every few hundred allocations, would scan them again and again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@gc_paused()
 def prepare_batch(
     batch: RawBatch, number: int, config: RunConfig, context: int, buckets: int, out: OutputDir, tokenizer=None
 ) -> dict:
@@ -96,7 +112,7 @@ def prepare_batch(
     prepared = prepare(
         rows,
         errors,
-        tokenizer or _tokenizer(config.model),
+        tokenizer or _tokenizer(config.model, config.trust_remote_code),
         context,
         config.max_new_tokens,
         config.seed,
@@ -122,6 +138,7 @@ def prepare_batch(
     }
 
 
+@gc_paused()
 def plan_one_bucket(
     bucket: int,
     parts: list[tuple[str, int]],
@@ -177,7 +194,7 @@ def plan_job(config: RunConfig, context: int, out: OutputDir, use_ray: bool | No
     """Plan the whole input into out; returns the shard descriptions. use_ray: plan on the
     cluster (default: for inputs over LOCAL_PLAN_BYTES); tokenizer: instead of the model's."""
     t0 = time.perf_counter()
-    source = open_source(config.input)
+    source = open_source(config.input, config.input_files)
     buckets = num_buckets(source.num_bytes)
     if use_ray is None:
         use_ray = on_cluster(source)

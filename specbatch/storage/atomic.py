@@ -7,7 +7,6 @@ then renamed over the final name with os.replace, which is atomic on POSIX files
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -46,11 +45,11 @@ def write_parquet(table: pa.Table | list[pa.Table], path: Path, durable: bool = 
         tmp.unlink(missing_ok=True)
 
 
-def write_json(obj, path: Path) -> None:
+def write_bytes(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_bytes(data)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

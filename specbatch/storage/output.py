@@ -31,10 +31,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .atomic import remove_stale_temporaries, write_json, write_parquet
+from .atomic import remove_stale_temporaries, write_bytes, write_parquet
 from .schema import TABLES
 
 PLAN = "plan"
+INCREMENTAL_MARKER = "incremental.json"
+INCREMENTAL_INPUTS = "inputs.json"
 
 
 class OutputDir:
@@ -87,11 +89,14 @@ class OutputDir:
             return pq.ParquetFile(f).read_row_group(index)
 
     def write_json(self, obj, relative: str) -> None:
+        self.write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), relative)
+
+    def write_bytes(self, data: bytes, relative: str) -> None:
         if self.local:
-            write_json(obj, Path(self.path(relative)))
+            write_bytes(data, Path(self.path(relative)))
         else:
             with self.fs.open_output_stream(self.path(relative), compression=None) as f:
-                f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+                f.write(data)
 
     def read_json(self, relative: str):
         try:
@@ -119,6 +124,24 @@ class OutputDir:
     def clean(self) -> int:
         """Remove what writers that died mid-file left (local only: object stores keep nothing partial)."""
         return remove_stale_temporaries(Path(self.base)) if self.local else 0
+
+    # -- an incremental job's root: dated runs under one folder (flows/incremental.py) -------
+
+    def is_incremental_root(self) -> bool:
+        return self.exists(INCREMENTAL_MARKER)
+
+    def dated_runs(self) -> list[str]:
+        """The run folders under an incremental root, oldest first (each holds inputs.json)."""
+        selector = pafs.FileSelector(self.base, recursive=False, allow_not_found=True)
+        folders = [f.base_name for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.Directory]
+        return sorted(name for name in folders if self.exists(f"{name}/{INCREMENTAL_INPUTS}"))
+
+    def child(self, name: str) -> OutputDir:
+        return OutputDir(f"{self.uri.rstrip('/')}/{name}")
+
+    def runs(self) -> list[OutputDir]:
+        """The run folders this folder's tables come from: itself, or an incremental root's runs."""
+        return [self.child(n) for n in self.dated_runs()] if self.is_incremental_root() else [self]
 
     # -- the run, units and the manifest ----------------------------------------------------
 

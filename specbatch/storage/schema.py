@@ -80,6 +80,22 @@ VERIFICATION = pa.schema(
     ]
 )
 
+SHARDS = pa.schema(
+    [
+        ("shard_id", pa.string()),
+        ("worker", pa.string()),
+        ("node", pa.string()),  # the Ray node id it ran on
+        ("attempt", pa.int32()),
+        ("num_requests", pa.int32()),
+        ("prompt_tokens", pa.int64()),
+        ("prefill_tokens", pa.int64()),  # prompt tokens computed: shared prefixes once
+        ("completion_tokens", pa.int64()),
+        ("target_steps", pa.int64()),
+        ("peak_kv_bytes", pa.int64()),
+        ("seconds", pa.float64()),  # from the end of the worker's previous shard (or its call's start) to this one's end
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 RUNS = pa.schema(
     [
         ("run_id", pa.string()),
@@ -110,5 +126,6 @@ TABLES: dict[str, pa.Schema] = {
     "steps": STEPS,
     "errors": ERRORS,
     "verification": VERIFICATION,
+    "shards": SHARDS,
     "runs": RUNS,
 }

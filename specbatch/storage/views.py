@@ -6,7 +6,8 @@
 Views read only complete files (those named by the manifest). Local files are read by DuckDB
 itself; files on an object store through pyarrow's filesystem (a dataset DuckDB scans lazily),
 so no DuckDB extension needs downloading. A table with no files yet is an empty view with the
-right columns, so queries never fail on a fresh or partial run.
+right columns, so queries never fail on a fresh or partial run. An incremental job's root
+(flows/incremental.py) reads as the union of its dated runs.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def connect(out_dir: Path | str, database: str = ":memory:") -> duckdb.DuckDBPyC
     if not out.exists():
         raise FileNotFoundError(f"output folder {out.uri!r} does not exist")
     con = duckdb.connect(database)
-    manifest = out.manifest()
+    runs = [(run, run.manifest()) for run in out.runs()]
     for name, schema in TABLES.items():
-        files = out.files_of(name, manifest)
+        files = [f for run, manifest in runs for f in run.files_of(name, manifest)]
         if files and out.local:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)})")
             continue

@@ -1,4 +1,8 @@
-"""Find and load models: the bundled demo pair by name, anything else through from_pretrained."""
+"""Find and load models: the bundled demo pair by name, anything else through from_pretrained.
+
+Safe by default: a model's own Python code (`trust_remote_code`) runs only when the user asks for
+it, and weights load from safetensors only; pickled checkpoints (.bin, .pt), which can run code
+when read, need allow_pickle."""
 
 from __future__ import annotations
 
@@ -38,20 +42,20 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0]
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model)
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
         raise SpecbatchError(f"cannot load the tokenizer of model {model!r}: {_first_line(e)}") from e
 
 
-def load_config(model: str):
+def load_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}") from e
 
@@ -73,17 +77,26 @@ def context_length(config) -> int:
     return getattr(config, "max_position_embeddings", None) or 1 << 30
 
 
-def load_model(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(
+    model: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
     from transformers import AutoModelForCausalLM
 
     # Logit soft-capping (Gemma 2) is computed by eager attention only: transformers' SDPA path
     # drops it, and transformers 5.0 defaults Gemma 2 to SDPA.
-    softcap = getattr(load_config(model), "attn_logit_softcapping", None)
+    softcap = getattr(load_config(model, trust_remote_code), "attn_logit_softcapping", None)
     options = {"attn_implementation": "eager"} if softcap else {}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **options)
+        lm = AutoModelForCausalLM.from_pretrained(
+            model, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle, **options
+        )
     except Exception as e:
-        raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}") from e
+        hint = "" if allow_pickle else " (weights load from safetensors only; --allow-pickle-weights also reads .bin/.pt pickles, which can run code)"
+        raise SpecbatchError(f"cannot load model {model!r}: {_first_line(e)}{hint}") from e
     return lm.to(device).eval()
 
 
@@ -100,10 +113,11 @@ def default_draft(target: str) -> str | None:
     return str(DEMO_MODELS["demo-draft"]) if Path(target) == DEMO_MODELS["demo"] else None
 
 
-def check_same_vocabulary(target: str, draft: str) -> None:
+def check_same_vocabulary(target: str, draft: str, trust_remote_code: bool = False) -> None:
     """Speculative decoding compares token ids: the draft must use the target's tokenizer."""
-    t_config, d_config = load_config(target), load_config(draft)
-    t_vocab, d_vocab = load_tokenizer(target).get_vocab(), load_tokenizer(draft).get_vocab()
+    t_config, d_config = load_config(target, trust_remote_code), load_config(draft, trust_remote_code)
+    t_vocab = load_tokenizer(target, trust_remote_code).get_vocab()
+    d_vocab = load_tokenizer(draft, trust_remote_code).get_vocab()
     if t_vocab != d_vocab or t_config.vocab_size != d_config.vocab_size:
         raise SpecbatchError(
             f"draft model {draft!r} does not share the target's vocabulary (draft: {len(d_vocab)} tokens, "

@@ -63,6 +63,13 @@ class WorkerPool:
             ray.kill(actor)
         self.actors = []
 
+    def shrink(self, num_workers: int) -> None:
+        """Keep at most num_workers actors (a job with fewer shards than workers)."""
+        for actor in self.actors[max(1, num_workers) :]:
+            ray.kill(actor)
+        self.actors = self.actors[: max(1, num_workers)]
+        self.num_workers = len(self.actors)
+
     def call_size(self, pending: int, shard_requests: int) -> int:
         """Shards per call: enough requests to keep a batch full for a while, no more than a fair
         share of what is left, so every worker stays busy to the end."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pyarrow as pa
 
@@ -14,7 +15,7 @@ from ..config import RunConfig
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
 from ..decoding.methods import make_speculation
 from ..storage import OutputDir
-from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS, VERIFICATION
+from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, SHARDS, STEPS, VERIFICATION
 from .models import check_same_vocabulary, context_length, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from .shard import Shard, ShardRequest
 from .verify import verification_rows
@@ -41,13 +42,14 @@ class ShardRunner:
         self.config = config
         self.worker = worker
         self.node = node
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         dtype = resolve_dtype(config.dtype, config.device)
-        self.model = load_model(config.model, config.device, dtype)
+        trust = {"trust_remote_code": config.trust_remote_code, "allow_pickle": config.allow_pickle_weights}
+        self.model = load_model(config.model, config.device, dtype, **trust)
         draft = None
         if config.draft is not None:
-            check_same_vocabulary(config.model, config.draft)
-            draft = load_model(config.draft, config.device, dtype)
+            check_same_vocabulary(config.model, config.draft, config.trust_remote_code)
+            draft = load_model(config.draft, config.device, dtype, **trust)
         # One proposer per worker: the n-gram table is shared by every request it serves.
         proposer, policy = make_speculation(
             config.method, self.model, draft, config.draft_policy, config.num_draft_tokens, config.draft_confidence
@@ -131,6 +133,8 @@ class ShardRunner:
             attempt=attempt,
             node=self.node,
         )
+        row = {k: v for k, v in summary.__dict__.items() if k in SHARDS.names} | {"finished_at": datetime.now(UTC)}
+        tables["shards"] = pa.Table.from_pylist([row], schema=SHARDS)
         out.write_unit(shard.shard_id, tables, summary=summary.__dict__)
         return summary
 

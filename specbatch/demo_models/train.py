@@ -9,9 +9,9 @@ on-policy distillation as in DistillSpec (Zhou et al., 2023). That is what raise
 agreement with the target on what the target actually generates, the quantity speculative
 decoding lives on.
 
-    python infra/train_demo_models.py                # ~20 min on 2 CPU cores
-    python infra/train_demo_models.py --device cuda  # same recipe on a GPU
-    python infra/train_demo_models.py --draft-only   # keep the saved target, retrain the draft
+    python specbatch/demo_models/train.py                # ~20 min on 2 CPU cores
+    python specbatch/demo_models/train.py --device cuda  # same recipe on a GPU
+    python specbatch/demo_models/train.py --draft-only   # keep the saved target, retrain the draft
 
 Reproducible: fixed seeds, sorted file order, deterministic held-out split.
 """
@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}# {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}# assistant:\n{% endif %}"
 )
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "specbatch" / "demo_models"
+DEFAULT_OUT = Path(__file__).resolve().parent
 
 
 def corpus_files() -> tuple[list[Path], list[Path]]:
@@ -131,7 +131,7 @@ def train(
 def target_continuations(target, stream, args, eos_id: int) -> torch.Tensor:
     """The target's own continuations of random training prefixes, half greedy and half sampled
     at temperature 0.8, as one stream (separated by EOS) for on-policy distillation."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 
     gen = torch.Generator().manual_seed(args.seed + 3)
@@ -301,7 +301,7 @@ def write_card(out: Path, m: dict, args) -> None:
     (out / "MODEL_CARD.md").write_text(f"""# specbatch demo models
 
 Two Llama-architecture causal LMs sharing one byte-level BPE tokenizer ({args.vocab_size} tokens),
-trained by `infra/train_demo_models.py` (seed {m["seed"]}, {m["device"]}, {m["training_seconds"]} s) on the
+trained by `specbatch/demo_models/train.py` (seed {m["seed"]}, {m["device"]}, {m["training_seconds"]} s) on the
 Python standard library's source ({m["train_files"]} files; {m["held_out_files"]} held out by path hash).
 They write Python-looking code; they exist to exercise the pipeline and speculative decoding, not
 to be useful models.
