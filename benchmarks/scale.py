@@ -2,7 +2,7 @@
 engine's throughput a whole `specbatch run` keeps.
 
     python benchmarks/scale.py planning [--rows 100000,1000000] [--words 100]
-    python benchmarks/scale.py e2e [--rows 2000] [--words 112] [--batch-size 16] [--max-new-tokens 32]
+    python benchmarks/scale.py e2e [--rows 2000] [--words 112] [--batch-size 16] [--max-new-tokens 32] [--repeat 3]
 
 planning: writes ROWS generated prompts (JSONL: one of 20 shared system prompts, then WORDS/2
 words of its own; about 1.2 demo-tokenizer tokens a word) and runs `specbatch plan` on them in a child
@@ -13,7 +13,7 @@ e2e: ROWS prompts of about 160 tokens (WORDS words) in 20 shared-prefix groups, 
 the demo target. The engine alone (this process: tokenize, plan prefixes, one Engine.generate
 over every request) against `specbatch run` (a child process: Prefect, Ray, one worker,
 Parquet) on the same prompts; checks the outputs are identical and prints tokens/s of both,
-for the generation phase and for the whole command.
+for the generation phase and for the whole command; --repeat N alternates the two N times.
 """
 
 from __future__ import annotations
@@ -122,32 +122,47 @@ def engine_alone(path: Path, batch_size: int, max_new_tokens: int) -> tuple[floa
     return sum(r.completion_tokens for r in results) / seconds, {r.request_id: r.completion_ids for r in results}
 
 
+def pipeline(path: Path, out: Path, args) -> tuple[float, float, dict, list]:
+    """`specbatch run` in a child process: (generation-phase tok/s, whole-command seconds, summary, outputs)."""
+    command = [sys.executable, "-m", "specbatch.cli", "run", str(path), "--out", str(out), "--batch-size",
+               str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens), "--workers", "1"]  # fmt: skip
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    err = done.stderr
+    summary = json.loads(err[err.rindex("\n{") : err.rindex("\n}") + 2])
+    from specbatch.storage import connect
+
+    rows = connect(out).execute("select request_id, completion_token_ids from generations").fetchall()
+    return summary["tokens_per_second_this_invocation"], wall, summary, rows
+
+
 def cmd_e2e(args) -> None:
+    """The engine alone and the pipeline, alternated --repeat times (this machine's speed drifts by
+    several percent between back-to-back runs of the same code: pairs taken together compare fairly)."""
+    print("| pair | tokens | engine alone tok/s | specbatch run: generation phase tok/s (ratio) | whole command s, tok/s (ratio) | identical |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    ratios = []
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "prompts.jsonl"
         write_prompts(path, args.rows, args.words)
-        engine_tps, engine_out = engine_alone(path, args.batch_size, args.max_new_tokens)
-        out = Path(folder) / "out"
-        command = [sys.executable, "-m", "specbatch.cli", "run", str(path), "--out", str(out), "--batch-size",
-                   str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens), "--workers", "1"]  # fmt: skip
-        t0 = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
-        wall = time.perf_counter() - t0
-        if done.returncode:
-            raise SystemExit(done.stderr[-3000:])
-        err = done.stderr
-        summary = json.loads(err[err.rindex("\n{") : err.rindex("\n}") + 2])
-        from specbatch.storage import connect
-
-        rows = connect(out).execute("select request_id, completion_token_ids from generations").fetchall()
-        identical = sum(engine_out[rid] == list(ids) for rid, ids in rows)
-        tokens = summary["completion_tokens"]
-        phase = summary["tokens_per_second_this_invocation"]
-        print("| rows | tokens | engine alone tok/s | specbatch run: generation phase tok/s (ratio) | whole command s, tok/s (ratio) | identical |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        for i in range(args.repeat):
+            engine_tps, engine_out = engine_alone(path, args.batch_size, args.max_new_tokens)
+            phase, wall, summary, rows = pipeline(path, Path(folder) / f"out-{i}", args)
+            identical = sum(engine_out[rid] == list(ids) for rid, ids in rows)
+            tokens = summary["completion_tokens"]
+            ratios.append((phase / engine_tps, tokens / wall / engine_tps))
+            print(
+                f"| {i + 1} | {tokens:,} | {engine_tps:.0f} | {phase:.0f} ({ratios[-1][0]:.2f}) | "
+                f"{wall:.1f}, {tokens / wall:.0f} ({ratios[-1][1]:.2f}) | {identical}/{len(rows)} |",
+                flush=True,
+            )
+    if len(ratios) > 1:
         print(
-            f"| {args.rows:,} | {tokens:,} | {engine_tps:.0f} | {phase:.0f} ({phase / engine_tps:.2f}) | "
-            f"{wall:.1f}, {tokens / wall:.0f} ({tokens / wall / engine_tps:.2f}) | {identical}/{len(rows)} |"
+            f"mean ratio over {len(ratios)} pairs: generation phase {sum(r[0] for r in ratios) / len(ratios):.3f}, "
+            f"whole command {sum(r[1] for r in ratios) / len(ratios):.3f}"
         )
 
 
@@ -162,6 +177,7 @@ def main() -> None:
     e2e.add_argument("--words", type=int, default=112)
     e2e.add_argument("--batch-size", type=int, default=16)
     e2e.add_argument("--max-new-tokens", type=int, default=32)
+    e2e.add_argument("--repeat", type=int, default=1, help="engine-alone / pipeline pairs, alternated")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

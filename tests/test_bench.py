@@ -62,7 +62,17 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
         else:
             assert r["identical_to_reference"] is None
     assert (tmp_path / "bench.png").stat().st_size > 10_000
-    assert "x hf-generate-batch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x hf-generate-batch" in printed and "x specbatch-ar" in printed
+    to_ar = runner.ratios(rows, "specbatch-ar")
+    for r, ratio in zip(rows, to_ar):
+        if r["system"] == "specbatch-ar":
+            assert ratio == 1.0
+        elif r["batch_size"] == 2:  # every system that ran at the bench's batch size has specbatch-ar beside it
+            assert ratio == round(r["tokens_per_s"] / next(
+                a["tokens_per_s"] for a in rows
+                if a["system"] == "specbatch-ar" and a["workload"] == r["workload"] and a["batch_size"] == 2
+            ), 2)  # fmt: skip
 
 
 def test_bench_on_a_random_model_as_used_for_gpu_runs(tmp_path, monkeypatch):

@@ -132,3 +132,22 @@ def _completed_at_least(server: str, count: int) -> list[dict] | None:
         f"{server}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "limit": 200}
     ).json()
     return flow_runs if sum(r["state_type"] == "COMPLETED" for r in flow_runs) >= count else None
+
+
+def test_prefect_yaml_deploys_with_prefects_own_cli(server, tmp_path):
+    """infra/prefect.yaml is accepted by `prefect deploy` itself: the deployment lands on the server
+    with its cron schedule and its concurrency limit of one."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_API_URL": server, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }  # fmt: skip
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    for command in (["work-pool", "create", "specbatch", "--type", "process"], ["deploy", "--all", "--prefect-file", "infra/prefect.yaml"]):
+        done = subprocess.run(prefect + command, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deployment = httpx.get(f"{server}/deployments/name/specbatch-incremental/nightly").json()
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert deployment["entrypoint"] == "specbatch.flows.incremental.incremental"
+    assert deployment["parameters"]["config"]["input"] == "s3://your-bucket/incoming/"

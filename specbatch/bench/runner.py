@@ -220,6 +220,15 @@ def run_bench(
     return table
 
 
+def ratios(rows: list[dict], system: str) -> list[float | None]:
+    """Each row's tok/s as a ratio to `system`'s on the same workload at the same batch size."""
+    base = {(r["workload"], r["batch_size"]): r["tokens_per_s"] for r in rows if r["system"] == system}
+    return [
+        round(r["tokens_per_s"] / base[key], 2) if (key := (r["workload"], r["batch_size"])) in base else None
+        for r in rows
+    ]
+
+
 def plot(table: pa.Table, path: Path) -> None:
     import matplotlib
 

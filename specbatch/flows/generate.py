@@ -283,11 +283,18 @@ def generate(config: RunConfig) -> dict:
             raise
         dispatched, seconds = dispatch(the_plan, config, output, pool)
     summary = finalize(config, run, the_plan, dispatched, seconds, output)
-    try:  # the outputs are complete: a report that cannot be drawn must not fail the run
-        summary["report"] = publish_report(output)
-    except Exception as e:
-        logging.getLogger("specbatch").warning("the run's report was not written: %s (specbatch report %s retries it)", e, output.uri)
+    summary["report"] = report_or_warn(output)
     return summary
+
+
+def report_or_warn(out: OutputDir) -> str | None:
+    """publish_report; the outputs are complete by then, so a report that cannot be drawn is a
+    warning, not a failed run."""
+    try:
+        return publish_report(out)
+    except Exception as e:
+        logging.getLogger("specbatch").warning("no report written: %s (`specbatch report %s` retries it)", e, out.uri)
+        return None
 
 
 @task(cache_policy=NO_CACHE)

@@ -26,7 +26,7 @@ from ..errors import SpecbatchError
 from ..storage import OutputDir
 from ..storage.output import INCREMENTAL_INPUTS as INPUTS
 from ..storage.output import INCREMENTAL_MARKER as MARKER
-from .generate import generate
+from .generate import generate, report_or_warn
 from .inputs import open_source
 
 
@@ -40,7 +40,7 @@ def incremental(config: RunConfig) -> dict:
         if root.exists("run.json"):
             raise SpecbatchError(f"{config.out} holds a single run; give an incremental job a root of its own")
         root.write_json({"input": config.input}, MARKER)
-    source = open_source(config.input)
+    source = open_source(config.input, allow_empty=True)
     now = {f.name: f for f in source.files}
     taken: dict[str, dict] = {}
     unfinished = []
@@ -68,6 +68,7 @@ def incremental(config: RunConfig) -> dict:
         summaries.append(_run(config, name, [f.name for f in new]))
     return {
         "root": config.out,
+        "report": report_or_warn(root) if summaries else None,  # the whole job so far, in one report
         "runs": [s["out"] for s in summaries],
         "new_files": [f.name for f in new],
         "resumed": [name for name, _ in unfinished],

@@ -135,11 +135,12 @@ def _is_prompt_file(path: str) -> bool:
     return not name.startswith((".", "_")) and path.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
 
 
-def open_source(uri: str, only: Sequence[str] | None = None) -> InputSource:
-    """Find the prompt files of an input; a user error when there are none. only: just these
-    files (by name, as a folder or glob input names them: an incremental run's share), whose
-    default row ids then always carry the file's name."""
-    source = _find(uri)
+def open_source(uri: str, only: Sequence[str] | None = None, allow_empty: bool = False) -> InputSource:
+    """Find the prompt files of an input; a user error when there are none (unless allow_empty: a
+    folder that grows may hold none yet). only: just these files (by name, as a folder or glob
+    input names them: an incremental run's share), whose default row ids then always carry the
+    file's name."""
+    source = _find(uri, allow_empty)
     if only is None:
         return source
     by_name = {f.name: f for f in source.files}
@@ -149,7 +150,7 @@ def open_source(uri: str, only: Sequence[str] | None = None) -> InputSource:
     return InputSource(uri, source.fs, [by_name[name] for name in only], named=True)
 
 
-def _find(uri: str) -> InputSource:
+def _find(uri: str, allow_empty: bool = False) -> InputSource:
     parts = uri.split("/")
     glob_at = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
     base_uri = "/".join(parts[:glob_at]) if glob_at is not None else uri
@@ -168,7 +169,7 @@ def _find(uri: str) -> InputSource:
         and _is_prompt_file(f.path)
         and (pattern is None or pattern.match(f.path))
     ]
-    if not files:
+    if not files and not allow_empty:
         kinds = ", ".join(JSONL_SUFFIXES[:3] + PARQUET_SUFFIXES)
         raise SpecbatchError(f"input {uri!r} holds no prompt files ({kinds})")
     return InputSource(uri, fs, files)
