@@ -29,14 +29,15 @@ _ENV_DEFAULTS = {
 DEMO_DEFAULTS = {"max_new_tokens": 64, "shard_size": 16}
 
 
-def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("input", "out", "input_files")) -> None:
-    """One option per RunConfig field. Values go to RunConfig as given, which checks them all."""
+def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("input", "out")) -> None:
+    """One option per RunConfig field (but those marked cli=False). Values go to RunConfig as
+    given, which checks them all."""
     from typing import Literal, get_args, get_origin
 
     from .config import RunConfig, option
 
     for name, field in RunConfig.model_fields.items():
-        if name in skip:
+        if name in skip or (field.json_schema_extra or {}).get("cli") is False:
             continue
         if field.annotation is bool:  # a switch: --name turns on what is off by default, --no-name the reverse
             p.add_argument(
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="dry run: plan the job (read, tokenize, group, shard) and print what it holds")
     plan.add_argument("input", help="prompts, as for run")
-    _add_run_options(plan, skip=("input", "out", "input_files", "workers", "batch_size", "device", "ray_address"))
+    _add_run_options(plan, skip=("input", "out", "workers", "batch_size", "device", "ray_address"))
 
     query = sub.add_parser("query", help="run SQL over an output folder's views")
     query.add_argument("out", help="output folder")

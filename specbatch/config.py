@@ -23,7 +23,9 @@ class RunConfig(BaseModel):
     input: str = Field(description="prompt file, folder or glob (JSONL, .jsonl.gz, .jsonl.zst, Parquet); path or URI")
     out: str = Field(description="output folder or URI (rerun over it to resume)")
     input_files: tuple[str, ...] | None = Field(
-        None, description="only these files of the input, by name (what an incremental run takes; not a CLI option)"
+        None,
+        description="only these files of the input, by name (what an incremental run takes)",
+        json_schema_extra={"cli": False},  # set by flows/incremental.py, not by users
     )
     model: str = Field("demo", description="local folder or hub id (default: the bundled demo target)")
     method: str = Field("ar", description="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))

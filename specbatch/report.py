@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .storage import connect
@@ -242,7 +242,7 @@ def write_report(outs: list[str], html_path: str | Path, labels: list[str] | Non
     """Write the HTML report of these output folders, and each plot as a PNG beside it."""
     runs = [load(out, label) for out, label in zip(outs, labels or [None] * len(outs))]
     if len({r.label for r in runs}) < len(runs):  # the same run twice, or folders without runs rows
-        runs = [RunData(**{**r.__dict__, "label": f"{i + 1}: {r.label}"}) for i, r in enumerate(runs)]
+        runs = [replace(r, label=f"{i + 1}: {r.label}") for i, r in enumerate(runs)]
     parts = sections(runs)
     path = Path(html_path)
     path.parent.mkdir(parents=True, exist_ok=True)
