@@ -274,7 +274,9 @@ def generate(config: RunConfig) -> dict:
     output.write_run(run)
     with ray_connection(config.ray_address):
         # Workers load their models while the driver plans, unless planning runs on the cluster's CPUs.
-        pool = None if on_cluster(open_source(config.input, config.input_files)) else WorkerPool(config, config.workers)
+        pool = _take_early_workers(config)
+        if pool is None and not on_cluster(open_source(config.input, config.input_files)):
+            pool = WorkerPool(config, config.workers)
         try:
             the_plan = plan(config, output)
         except BaseException:
@@ -285,6 +287,32 @@ def generate(config: RunConfig) -> dict:
     summary = finalize(config, run, the_plan, dispatched, seconds, output)
     summary["report"] = report_or_warn(output)
     return summary
+
+
+def run(config: RunConfig) -> dict:
+    """`specbatch run`: check the run, start Ray and the workers, then the flow. The workers load
+    their models while Prefect's temporary server starts and the driver plans; the flow takes them."""
+    check_run(config)  # fail fast, in one line, before Prefect and Ray start
+    resolved = config.resolved()
+    with ray_connection(config.ray_address):
+        if not on_cluster(open_source(config.input, config.input_files)):
+            _EARLY_WORKERS.append(WorkerPool(resolved, resolved.workers))
+        try:
+            return generate(config)
+        finally:  # the flow failed before taking them
+            while _EARLY_WORKERS:
+                _EARLY_WORKERS.pop().shutdown()
+
+
+_EARLY_WORKERS: list[WorkerPool] = []  # started by run() for the flow it calls
+
+
+def _take_early_workers(config: RunConfig) -> WorkerPool | None:
+    """The pool run() started for this config (resolved), if any."""
+    for i, pool in enumerate(_EARLY_WORKERS):
+        if pool.config == config:
+            return _EARLY_WORKERS.pop(i)
+    return None
 
 
 def report_or_warn(out: OutputDir) -> str | None:
