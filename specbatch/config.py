@@ -32,7 +32,9 @@ class RunConfig(BaseModel):
     draft: str | None = Field(None, description="draft model for --method draft (with the demo target: the demo draft)")
     num_draft_tokens: int = Field(4, ge=1, le=16, description="K: tokens drafted per step (the adaptive policy's maximum)")
     draft_policy: Literal["fixed", "adaptive"] = Field(
-        "adaptive", description="fixed: always K; adaptive: K from measured acceptance and cost, down to 0"
+        "adaptive",
+        description="fixed: always K (auto: K for whichever method it picks); adaptive: K (and auto's method) "
+        "from measured acceptance and cost, down to plain steps",
     )
     draft_confidence: float = Field(
         0.3, ge=0, le=1, description="adaptive policy: a row stops drafting below this draft probability"

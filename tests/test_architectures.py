@@ -217,10 +217,10 @@ def test_auto_uses_only_the_arms_that_apply():
     assert "needs a draft" in applies(METHODS["draft"], model)
     with pytest.raises(ValueError, match="does not apply"):
         make_speculation("layerskip", model)
-    proposer, _ = make_speculation("auto", build("llama"))
-    assert set(proposer.names) == {"ar", "ngram", "lookahead", "layerskip"}
-    proposer, _ = make_speculation("auto", model)
-    assert set(proposer.names) == {"ar", "ngram", "lookahead"}
+    proposer, policy = make_speculation("auto", build("llama"))
+    assert set(proposer.names) == set(policy.arms) == {"ngram", "lookahead", "layerskip"}  # and plain steps
+    proposer, policy = make_speculation("auto", model)
+    assert set(proposer.names) == set(policy.arms) == {"ngram", "lookahead"}
 
 
 def test_attention_variants_that_cannot_be_exact_are_refused():

@@ -50,7 +50,8 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
         "specbatch-draft-k4",
         "specbatch-draft-adaptive",
         "specbatch-ngram",
-        "specbatch-lookahead",
+        "specbatch-ngram-adaptive",
+        "specbatch-lookahead-adaptive",
         "specbatch-auto",
         "specbatch-pipeline",
     }
@@ -82,3 +83,29 @@ def test_bench_on_a_random_model_as_used_for_gpu_runs(tmp_path, monkeypatch):
     assert "specbatch-pipeline" not in {r["system"] for r in table}  # the pipeline row serves the demo models
     assert all(r["bandwidth_bound_tokens_per_s"] is None for r in table)  # CPU: no bandwidth bound
     assert all(r["identical_to_reference"] for r in table if r["workload"] == "shared-prefix")
+
+
+def test_bench_runs_the_systems_asked_for_and_keeps_the_fastest_of_repeats(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "make_workloads", tiny)
+    runs = []
+    real = runner.SYSTEMS
+
+    def counted(name, fn):
+        def run(*args):
+            m = fn(*args)
+            runs.append((name, m.seconds))
+            return m
+
+        return run
+
+    monkeypatch.setattr(runner, "SYSTEMS", [(n, method, counted(n, fn), only) for n, method, fn, only in real])
+    table = runner.run_bench(
+        tmp_path, quick=True, batch_sizes=[2], model="random-tiny", systems=["hf-generate", "specbatch-auto"], repeat=2
+    ).to_pylist()
+    assert {r["system"] for r in table} == {"hf-generate", "specbatch-auto"} and len(table) == 4  # 2 workloads
+    assert [n for n, _ in runs[:4]] == ["hf-generate", "specbatch-auto"] * 2  # alternated
+    for r, (a, b) in zip(table, [runs[0:3:2], runs[1:4:2], runs[4:7:2], runs[5:8:2]]):
+        assert r["system"] == a[0] and r["seconds"] == min(a[1], b[1])
+    assert all(r["identical_to_reference"] for r in table if r["workload"] == "shared-prefix")
+    with pytest.raises(ValueError, match="unknown bench systems"):
+        runner.check_systems(["specbatch-nope"])

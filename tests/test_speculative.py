@@ -12,6 +12,7 @@ import torch
 
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import verifier as verifier_module
+from specbatch.decoding.cost_model import StepMeasurement
 from specbatch.decoding.draft_policy import FixedPolicy, GoodputPolicy
 from specbatch.decoding.proposer import DraftModelProposer
 from specbatch.decoding.sampling import RowSampling, probs_from_logits
@@ -202,18 +203,22 @@ def test_speculative_samples_follow_the_target_distribution(sharp_pair, monkeypa
 def feed(policy: GoodputPolicy, batch: int, acceptance: float, target_cost, draft_cost, steps: int = 60) -> None:
     """Synthetic steps: each row accepts a geometric run of drafts with the given rate."""
     rng = np.random.default_rng(0)
+    policy.bind(["draft"])
     for _ in range(steps):
-        k = policy.choose(batch)
+        k = policy.choose(batch).k
         ks = [k] * batch
         accepted = [int(min(k, rng.geometric(1 - acceptance) - 1)) if k else 0 for _ in range(batch)]
         policy.observe(
-            num_draft=ks,
-            num_accepted=accepted,
-            target_tokens=batch * (k + 1),
-            target_seconds=target_cost(batch * (k + 1)),
-            draft_forwards=k,
-            draft_rows=batch if k else 0,
-            draft_seconds=k * draft_cost(batch),
+            StepMeasurement(
+                arm="draft",
+                k=k,
+                num_draft=ks,
+                num_accepted=accepted,
+                target_tokens=batch * (k + 1),
+                target_seconds=target_cost(batch * (k + 1)),
+                propose_seconds=k * draft_cost(batch),
+                draft_forwards=[(batch, batch, draft_cost(batch))] * k,
+            )
         )
 
 
@@ -228,30 +233,30 @@ def compute_bound(tokens):  # a large batch: cost grows with every token verifie
 def test_policy_drafts_long_when_acceptance_is_high_and_verification_cheap():
     policy = GoodputPolicy(max_k=6)
     feed(policy, 4, 0.9, overhead_bound, lambda rows: 0.001)
-    assert policy.choose(4) >= 5
+    assert policy.choose(4).k >= 5
 
 
 def test_policy_falls_to_plain_steps_when_acceptance_is_low():
     policy = GoodputPolicy(max_k=6)
     feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
     assert policy.acceptance < 0.2
-    assert policy.choose(4) == 0
+    assert policy.choose(4).plain
 
 
 def test_policy_shrinks_k_when_the_batch_is_large():
     policy = GoodputPolicy(max_k=6)
     feed(policy, 64, 0.6, compute_bound, lambda rows: 0.0001 * rows)
-    large = policy.choose(64)
+    large = policy.choose(64).k
     small = GoodputPolicy(max_k=6)
     feed(small, 2, 0.6, overhead_bound, lambda rows: 0.001)
-    assert large < small.choose(2)
+    assert large < small.choose(2).k
     assert large == 0  # verifying 64 x (K + 1) tokens costs K + 1 plain steps
 
 
 def test_policy_probes_again_after_plain_steps():
     policy = GoodputPolicy(max_k=6, probe_after=4)
     feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
-    choices = [policy.choose(4) for _ in range(8)]
+    choices = [policy.choose(4).k for _ in range(8)]
     assert 0 in choices and max(choices) > 0
 
 

@@ -4,8 +4,9 @@ hf-generate: transformers `generate` over static, left-padded batches (the naive
 hf-generate-batch: transformers continuous batching, `generate_batch` (paged cache).
 hf-assisted: transformers assisted generation with the draft, batch size 1 (its only size).
 specbatch-*: this engine, plain, with a fixed-K draft and with the adaptive policy, draft-free
-(n-gram lookup, lookahead) and auto, sharing prefixes as the pipeline plans them;
-specbatch-ar-unshared computes every prompt in full.
+(n-gram lookup, fixed and adaptive; lookahead, adaptive) and auto (adaptive: the policy picks the
+method and K per step), sharing prefixes as the pipeline plans them; specbatch-ar-unshared
+computes every prompt in full.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ SYSTEMS = [
     ("specbatch-draft-k4", "draft", specbatch_engine("draft", "fixed", 4), None),
     ("specbatch-draft-adaptive", "draft", specbatch_engine("draft", "adaptive", 6), None),
     ("specbatch-ngram", "ngram", specbatch_engine("ngram", "fixed", 4), None),
-    ("specbatch-lookahead", "lookahead", specbatch_engine("lookahead", "fixed", 3), None),
-    ("specbatch-auto", "auto", specbatch_engine("auto", "fixed", 3), None),
+    ("specbatch-ngram-adaptive", "ngram", specbatch_engine("ngram", "adaptive", 6), None),
+    ("specbatch-lookahead-adaptive", "lookahead", specbatch_engine("lookahead", "adaptive", 3), None),
+    ("specbatch-auto", "auto", specbatch_engine("auto", "adaptive", 4), None),
 ]

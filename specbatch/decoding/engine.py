@@ -4,11 +4,12 @@ The engine takes token ids and returns token ids; it knows nothing of text or fi
 wait in a queue; whenever slots are free, waiting requests are admitted and prefilled together
 (one forward, ragged prompts right-padded, each row at its own positions). Every decode step then:
 
-    K      = policy.choose(batch)              # 0 for plain decoding
-    drafts = proposer.propose(rows, K_b)       # K_b <= K per row, capped by the row's token limit
+    arm, K = policy.choose(batch)              # K = 0: a plain step
+    drafts = proposer.propose(arm, rows, K_b)  # K_b <= K per row, capped by the row's token limit
     logits = target([last token] + drafts)     # one forward, [batch, max K_b + 1, vocab]
     n_b, t = verify(logits, drafts)            # rejection sampling; greedy: exact argmax match
     commit 1 + n_b positions of row b          # rejected positions are simply not committed
+    policy.observe(StepMeasurement(...))       # what the step cost and yielded (cost_model.py)
 
 A finished row frees its slot at once and the next waiting request takes it, so throughput holds
 when output lengths vary. Each row accepts its own number of tokens; its KV cache length and
@@ -23,18 +24,21 @@ cascade attention. The prefix is freed when the group's last member finishes.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from .auto import ArmSet
 from .cascade_attention import supports_cascade
+from .cost_model import StepMeasurement
 from .forward import forward_slots, last_logits, pad_right
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
 from .proposer import Proposer
 from .sampling import RowSampling, next_tokens
+from .scheduler import Scheduler
 from .shared_prefix import SharedPrefix
 from .verifier import verify, verify_tree
 
@@ -45,9 +49,9 @@ class _Row:
 
     request: GenerationRequest
     slot: int
+    index: int  # the request's position in the job
     generator: torch.Generator
     result: GenerationResult
-    prefix_key: tuple[int, ...] | None  # its shared prefix's tokens, None when it has none
     prefilled_at: float = 0.0
     done: bool = False
     tokens: list[int] = field(default_factory=list)  # emitted; the last is not yet in the target cache
@@ -75,7 +79,8 @@ class Engine:
 
     model: the target, in eval mode. eos_token_ids: tokens that end a request. max_batch_size:
     slots decoded together. max_prefill_tokens: cap on padded tokens per prefill forward.
-    proposer and policy: speculative decoding (see proposer.py, draft_policy.py); without them,
+    proposer and policy: speculative decoding (see proposer.py, draft_policy.py); the proposer
+    may be an ArmSet of several (auto.py), among which the policy chooses per step. Without them,
     plain autoregressive decoding, which records no per-step rows.
     """
 
@@ -96,12 +101,15 @@ class Engine:
         self.eos = set(int(t) for t in eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.proposer = proposer
+        self.proposer = ArmSet.of(proposer) if proposer is not None else None
         self.policy = policy
+        if policy is not None:
+            policy.bind(self.proposer.names, self.proposer.chunk_tokens)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.stats = EngineStats()  # of the last generate() call
+        self._sampling: tuple[list[tuple[int, int]], RowSampling] | None = None  # ((slot, request) per row, settings)
 
     @torch.inference_mode()
     def generate(
@@ -120,68 +128,53 @@ class Engine:
             return []
         start = time.perf_counter()
         self.stats = EngineStats()
+        self._sampling = None
         keys = self._prefix_keys(requests)
-        remaining = Counter(k for k in keys if k is not None)  # members yet to finish, per group
         live: dict[tuple[int, ...], SharedPrefix] = {}
         # Only real tokens are written (padding never is), and drafts never pass a row's limit.
         own = [len(r.prompt_ids) - len(k or ()) + r.max_new_tokens for r, k in zip(requests, keys)]
         # A tree step (lookahead) writes its whole chunk before keeping the accepted part.
         capacity = min(self.max_positions, max(own)) + (self.proposer.scratch_positions if self.proposer else 0)
         num_slots = min(self.max_batch_size, len(requests))
+        scheduler = Scheduler(requests, keys, num_slots, self.max_prefill_tokens)
         cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
         if self.proposer is not None:
             self.proposer.start(num_slots, capacity)
         self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, cache.nbytes)
-        waiting = deque(enumerate(requests))
-        free = list(range(num_slots - 1, -1, -1))
         active: dict[int, _Row] = {}
         results: list[GenerationResult | None] = [None] * len(requests)
-        order: dict[int, int] = {}
 
         def finish(row: _Row) -> None:
             row.result.decode_seconds = time.perf_counter() - row.prefilled_at
             row.result.completion_ids = row.tokens
-            results[order[row.slot]] = row.result
+            results[row.index] = row.result
             del active[row.slot]
-            free.append(row.slot)
             cache.reset(row.slot)
             if self.proposer is not None:
                 self.proposer.release(row.slot)
-            if row.prefix_key is not None:
-                remaining[row.prefix_key] -= 1
-                if not remaining[row.prefix_key]:
-                    live.pop(row.prefix_key).release()
+            if (done_prefix := scheduler.finish(row.slot)) is not None:
+                live.pop(done_prefix).release()
             if on_result is not None:
                 on_result(row.result)
 
-        while waiting or active:
+        while scheduler.has_work:
             admitted: list[_Row] = []
-            longest_suffix = 0
-            while waiting and free:
-                index, req = waiting[0]
-                key = keys[index]
-                longest_suffix = max(longest_suffix, len(req.prompt_ids) - len(key or ()))
-                if admitted and longest_suffix * (len(admitted) + 1) > self.max_prefill_tokens:
-                    break
-                waiting.popleft()
-                slot = free.pop()
-                order[slot] = index
+            for a in scheduler.admit():
+                req = a.request
                 result = GenerationResult(req.request_id, req.sample_index, len(req.prompt_ids), [], "length")
                 result.queue_seconds = time.perf_counter() - start
-                prefix = None
-                if key is not None:
-                    if key in live:  # another member computed it
-                        result.cached_prefix_tokens = len(key)
-                    else:
-                        live[key] = SharedPrefix(list(key))
-                        self.stats.prefill_tokens += len(key)
-                    prefix = live[key]
-                cache.reset(slot, prefix)
+                if a.new_prefix:
+                    live[a.prefix_key] = SharedPrefix(list(a.prefix_key))
+                    self.stats.prefill_tokens += len(a.prefix_key)
+                elif a.prefix_key is not None:  # another member computed it
+                    result.cached_prefix_tokens = len(a.prefix_key)
+                prefix = live[a.prefix_key] if a.prefix_key is not None else None
+                cache.reset(a.slot, prefix)
                 if self.proposer is not None:
-                    self.proposer.admit(slot, prefix)
-                row = _Row(req, slot, torch.Generator().manual_seed(req.sampling.seed), result, key)
-                active[slot] = row
+                    self.proposer.admit(a.slot, prefix)
+                row = _Row(req, a.slot, a.index, torch.Generator().manual_seed(req.sampling.seed), result)
+                active[a.slot] = row
                 admitted.append(row)
             if admitted:
                 self._prefill(cache, admitted)
@@ -227,26 +220,30 @@ class Engine:
             r.prefilled_at = time.perf_counter()
             self._emit(r, [token])
 
+    def _row_sampling(self, rows: list[_Row]) -> RowSampling:
+        """The rows' sampling settings as tensors, rebuilt only when the batch's rows change."""
+        key = [(r.slot, r.index) for r in rows]
+        if self._sampling is None or self._sampling[0] != key:
+            self._sampling = (key, RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device))
+        return self._sampling[1]
+
     def _decode_step(self, cache: SlotKVCache, rows: list[_Row]) -> list[_Row]:
         step_start = time.perf_counter()
-        sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
+        sampling = self._row_sampling(rows)
         slots = [r.slot for r in rows]
         seq_lens = [len(r.request.prompt_ids) + len(r.tokens) for r in rows]
-        k = self.policy.choose(len(rows)) if self.policy is not None else 0
+        choice = self.policy.choose(len(rows)) if self.policy is not None else None
+        k = choice.k if choice is not None else 0
         # Never draft past a row's token limit or the model's context: the bonus token counts too.
         ks = [max(0, min(k, r.remaining - 1, self.max_positions - n - 1)) for r, n in zip(rows, seq_lens)]
-        draft, draft_seconds, steady = None, 0.0, []
+        draft, draft_seconds = None, 0.0
         if any(ks):
             before = self.proposer.seconds
-            draft = self.proposer.propose(slots, [r.seq for r in rows], ks, sampling)
+            draft = self.proposer.propose(choice.arm, slots, [r.seq for r in rows], ks, sampling)
             draft_seconds = self.proposer.seconds - before
-            # The policy models steady drafting: a catch-up forward over many skipped tokens is
-            # the price of having sat out, not the cost of drafting.
-            forwards = self.proposer.last_forwards
-            steady = [(n, sec) for n, tokens, sec in forwards if tokens <= 2 * n]
         num_draft = draft.num_draft if draft is not None else [0] * len(rows)
         tree = draft.tree if draft is not None else None
-        source = (draft.source or self.proposer.name) if draft is not None and any(num_draft) else "ar"
+        source = draft.source if draft is not None and any(num_draft) else "ar"
         drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
         chunk = [tree.num_tokens[b] if tree else num_draft[b] for b in range(len(rows))]
         inputs = [[r.tokens[-1]] + drafts[b][: chunk[b]] for b, r in enumerate(rows)]
@@ -278,16 +275,17 @@ class Engine:
         if self.proposer is not None:
             self.proposer.accepted(slots, seq_lens, verdict.num_accepted, logits)
             self.policy.observe(
-                num_draft=num_draft,
-                num_accepted=verdict.num_accepted,
-                target_tokens=len(rows) * width,
-                target_seconds=target_seconds,
-                draft_forwards=len(steady),
-                draft_rows=max((n for n, _ in steady), default=0),
-                draft_seconds=sum(sec for _, sec in steady),
-                k=k,
-                step_seconds=time.perf_counter() - step_start,
-                caught_up=draft is not None and len(steady) < len(forwards),
+                StepMeasurement(
+                    arm=source,
+                    k=k,
+                    num_draft=num_draft,
+                    num_accepted=verdict.num_accepted,
+                    target_tokens=len(rows) * width,
+                    target_seconds=target_seconds,
+                    propose_seconds=draft_seconds,
+                    draft_forwards=self.proposer.last_forwards if draft is not None else [],
+                    step_seconds=time.perf_counter() - step_start,
+                )
             )
         return [r for r in rows if r.done]
 

@@ -16,11 +16,10 @@ from .shared_prefix import SharedPrefix
 
 def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids [batch, longest] (padding 0), lengths [batch]."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids.to(device), lengths
+    sizes = [len(s) for s in seqs]
+    width = max(sizes)
+    ids = torch.tensor([s if n == width else s + [0] * (width - n) for s, n in zip(seqs, sizes)], dtype=torch.long)
+    return ids.to(device), torch.tensor(sizes)
 
 
 def forward_slots(

@@ -59,6 +59,10 @@ class LookaheadProposer:
         self._harvested: list[int] = []
         self._riding: list[tuple[int, int]] = []  # (batch row, slot) whose window rode in the last step
 
+    def chunk_tokens(self, k: int) -> int:
+        """Tokens per row a step writes besides the last: the window and up to G candidates of up to k."""
+        return (self.N - 1) * self.W + self.G * min(k, self.N - 1)
+
     def start(self, num_slots: int, capacity: int) -> None:
         self._levels = [None] * num_slots
         self._pools = [{} for _ in range(num_slots)]

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .architecture import UnsupportedModel, decoder_layers
-from .auto import AutoProposer
-from .draft_policy import FixedPolicy, make_policy
+from .auto import ArmSet
+from .draft_policy import make_policy
 from .layerskip import LayerSkipProposer
 from .lookahead import LookaheadProposer
 from .ngram import NgramProposer
@@ -42,7 +42,7 @@ class Method:
     uses_draft: bool = False  # takes a draft model where one is given
     applies: Callable[[object], str | None] = _always  # (target) -> why it cannot run on it, or None
     auto_arm: bool = True  # auto may choose it
-    fixed_k: bool = False  # drafts a fixed K whatever --draft-policy says (auto chooses per step itself)
+    runs_model: bool = False  # drafts with a model forward (a draft, or the target's first layers)
 
 
 def _layers_reason(model) -> str | None:
@@ -53,16 +53,12 @@ def _layers_reason(model) -> str | None:
     return None
 
 
-def _build_auto(target, draft, options: Options) -> Proposer:
-    """Every other method that applies to the target (draft ones only with a draft), each drafting
-    a fixed K: auto chooses per step, plain steps included."""
-    fixed = Options("fixed", options.num_draft_tokens, options.confidence)
-    arms = {
-        m.name: m.build(target, draft, fixed)
-        for m in METHODS.values()
-        if m.auto_arm and m.build is not None and applies(m, target, draft) is None
-    }
-    return AutoProposer(arms)
+def _build_auto(target, draft, options: Options) -> ArmSet:
+    """Every other method that applies to the target (draft ones only with a draft): the policy
+    chooses among them per step, plain steps included. Model-free arms come first: the policy's
+    opening probe goes to the first arm, and theirs costs no draft prefill of every row."""
+    usable = [m for m in METHODS.values() if m.auto_arm and m.build is not None and applies(m, target, draft) is None]
+    return ArmSet({m.name: m.build(target, draft, options) for m in sorted(usable, key=lambda m: m.runs_model)})
 
 
 METHODS: dict[str, Method] = {
@@ -75,6 +71,7 @@ METHODS: dict[str, Method] = {
             lambda target, draft, o: DraftModelProposer(draft, confidence_threshold=o.stop),
             needs_draft=True,
             uses_draft=True,
+            runs_model=True,
         ),
         Method("ngram", "prompt lookup and a table learned from the outputs", lambda t, d, o: NgramProposer()),
         Method(
@@ -87,6 +84,7 @@ METHODS: dict[str, Method] = {
             "self-speculation: the target's first layers and its last draft",
             lambda target, d, o: LayerSkipProposer(target, confidence_threshold=o.stop),
             applies=_layers_reason,
+            runs_model=True,
         ),
         Method(
             "auto",
@@ -94,7 +92,6 @@ METHODS: dict[str, Method] = {
             _build_auto,
             uses_draft=True,
             auto_arm=False,
-            fixed_k=True,
         ),
     ]
 }
@@ -129,4 +126,5 @@ def make_speculation(
         raise ValueError(f"method {method!r} does not apply: {reason}")
     options = Options(policy, num_draft_tokens, confidence)
     proposer = entry.build(target, draft_model, options)
-    return proposer, FixedPolicy(num_draft_tokens) if entry.fixed_k else make_policy(policy, num_draft_tokens)
+    arms = proposer.names if isinstance(proposer, ArmSet) else None
+    return proposer, make_policy(policy, num_draft_tokens, arms)

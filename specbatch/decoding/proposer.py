@@ -26,6 +26,8 @@ class Proposer(Protocol):
     seconds: float  # wall time spent proposing, cumulative
     last_forwards: list[tuple[int, int, float]]  # (rows, tokens, seconds) of each model forward of the last propose
     scratch_positions: int  # target cache positions a step may write beyond a row's token limit (tree drafts)
+    # Optional: chunk_tokens(k) -> tokens per row a step writes besides the last token, where it is
+    # not k (lookahead's window); the cost model prices a method it has not run yet by it.
 
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""

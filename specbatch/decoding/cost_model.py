@@ -1,0 +1,219 @@
+"""What a decode step costs and yields, learned from the steps the engine runs. Plain Python: no
+tensors, no model. One CostModel serves the draft-length policy and auto's choice of method alike.
+
+Every decode step reaches the policy as one StepMeasurement. From them the model keeps:
+
+    target(tokens)        seconds of a target forward over `tokens` (batch x chunk width), the same
+                          whichever method proposed: a plain step measures it as well as a draft step
+    step[arm, B, K]       the measured wall time of whole steps (proposing, the forward, verifying,
+                          bookkeeping), where that combination has run
+    draft[arm](rows)      seconds of one draft-model forward over `rows` rows (draft, layerskip)
+    host[arm]             proposing's seconds per row outside model forwards (n-gram lookups, trees)
+    rest[arm]             the rest of a step per row: sampling, emitting, records
+    catch_up[arm]         seconds per step of draft forwards over what the draft had not seen (new
+                          rows' prompts, steps it sat out): a price of the arm, whatever K
+    acceptance[arm]       per-token acceptance: accepted / (accepted + first rejections)
+
+Seconds are low quantiles of recent values (Recent), so stalled steps do not skew them.
+
+and predicts, for an arm not yet run at (B, K):
+
+    seconds(arm, B, K) = target(B * (1 + chunk(arm, K))) + K * draft[arm](B) + B * (host[arm] + rest[arm])
+                         + catch_up[arm]          (measured steps: step[arm, B, K] + catch_up[arm])
+    tokens(arm, B, K)  = B * (1 - a^(K+1)) / (1 - a)          a = acceptance[arm]
+                         (B x the measured tokens per row of (arm, K)'s steps, once it has run)
+    goodput            = tokens / seconds;  plain ("ar", K = 0): B / seconds("ar", B, 0)
+
+chunk(arm, K) is what the proposer writes per row besides the last token: K for a draft, more for
+lookahead's window and candidates (each proposer says so: Proposer.chunk_tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PLAIN = "ar"
+
+
+class Recent:
+    """A low quantile (the 25th percentile) of a key's last `window` values. On a shared machine
+    a step can take several times its cost while another process runs, and such stalls come in
+    bursts: a running mean taken through one would rank keys by when they happened to be
+    measured. Timing noise only ever adds, so a low quantile is the key's own cost (as timeit
+    reports the best of its runs), and one value no longer moves it much."""
+
+    window = 8
+
+    def __init__(self, value: float) -> None:
+        self.values = [value]
+        self.value = value
+
+    def add(self, value: float) -> None:
+        self.values = self.values[1 - self.window :] + [value]
+        ordered = sorted(self.values)
+        self.value = ordered[(len(ordered) - 1) // 4]
+
+
+def remember(estimates: dict, key, value: float, capacity: int) -> None:
+    """Record value under key (a Recent), forgetting the least recently seen key beyond capacity:
+    popped and re-inserted, a key moves to the end of the dict's order."""
+    seen = estimates.pop(key, None)
+    if seen is None:
+        seen = Recent(value)
+    else:
+        seen.add(value)
+    estimates[key] = seen
+    if len(estimates) > capacity:
+        del estimates[next(iter(estimates))]
+
+
+@dataclass
+class LinearCost:
+    """Seconds per forward as a function of its size: the running average at each size seen
+    (real costs are steps, not lines: a 1-token forward takes another kernel path than a
+    3-token one), and for sizes not seen, online least squares of c0 + c1 * size with
+    exponential forgetting."""
+
+    decay: float = 0.98
+    n: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+    smallest: float = float("inf")
+    largest: float = 0.0
+    by_size: dict = field(default_factory=dict)  # size -> Recent seconds
+    max_sizes: int = 256
+
+    def add(self, size: float, seconds: float) -> None:
+        self.smallest, self.largest = min(self.smallest, size), max(self.largest, size)
+        remember(self.by_size, size, seconds, self.max_sizes)
+        d = self.decay
+        self.n = d * self.n + 1
+        self.sx = d * self.sx + size
+        self.sy = d * self.sy + seconds
+        self.sxx = d * self.sxx + size * size
+        self.sxy = d * self.sxy + size * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.n > 0
+
+    @property
+    def has_slope(self) -> bool:
+        """Seen at two sizes at least: the fixed cost and the per-token cost can be told apart."""
+        return self.largest > self.smallest
+
+    def predict(self, size: float) -> float:
+        if size in self.by_size:
+            return self.by_size[size].value
+        if self.n == 0:
+            return 0.0
+        mean_x, mean_y = self.sx / self.n, self.sy / self.n
+        var = self.sxx / self.n - mean_x * mean_x
+        if var <= 1e-9 * max(mean_x * mean_x, 1.0):  # one size seen so far: assume cost grows with size
+            return mean_y * size / max(mean_x, 1e-9)
+        slope = max((self.sxy / self.n - mean_x * mean_y) / var, 0.0)
+        intercept = max(mean_y - slope * mean_x, 0.0)
+        return intercept + slope * size
+
+
+@dataclass
+class StepMeasurement:
+    """One decode step, as the engine measured it."""
+
+    arm: str  # what proposed: "ar" for a step that drafted nothing
+    k: int  # the K chosen
+    num_draft: list[int]  # per row: draft tokens proposed
+    num_accepted: list[int]  # per row: of those, accepted
+    target_tokens: int  # the target forward's size: rows x chunk width
+    target_seconds: float  # the forward and the verifier
+    propose_seconds: float = 0.0  # the proposer's wall time, its model forwards included
+    draft_forwards: list[tuple[int, int, float]] = field(default_factory=list)  # (rows, tokens, seconds) of each
+    step_seconds: float = 0.0  # the whole step
+
+
+@dataclass
+class CostModel:
+    prior_acceptance: float = 0.6
+    acceptance_decay: float = 0.95
+    target: LinearCost = field(default_factory=LinearCost)
+    step: dict = field(default_factory=dict)  # (arm, batch, K) -> Recent step seconds
+    draft: dict = field(default_factory=dict)  # arm -> LinearCost over rows of one draft forward
+    host: dict = field(default_factory=dict)  # arm -> Recent proposing seconds per row
+    rest: dict = field(default_factory=dict)  # arm -> Recent seconds per row of the step's other work (bookkeeping)
+    chunk: dict = field(default_factory=dict)  # (arm, K) -> tokens per row besides the last, declared
+    tokens: dict = field(default_factory=dict)  # (arm, K) -> decayed (tokens emitted, rows) of its steps
+    _catch_up: dict = field(default_factory=dict)  # arm -> decayed (catch-up seconds, steps)
+    _accepted: dict = field(default_factory=dict)  # arm -> decayed accepted drafts
+    _trials: dict = field(default_factory=dict)  # arm -> decayed accepted drafts + first rejections
+
+    def acceptance(self, arm: str) -> float:
+        """Per-token acceptance: accepted / (accepted + first rejections), a geometric-run estimate."""
+        prior_weight = 4.0
+        a = (self._accepted.get(arm, 0.0) + prior_weight * self.prior_acceptance) / (self._trials.get(arm, 0.0) + prior_weight)
+        return min(max(a, 0.0), 0.999)
+
+    def measured(self, arm: str) -> bool:
+        return self._trials.get(arm, 0.0) > 0
+
+    def expected_tokens(self, arm: str, k: int, acceptance: float | None = None) -> float:
+        """Tokens a row emits in a step that asks for k drafts: accepted drafts plus the target's
+        own. Measured where (arm, k) has run (a proposer may draft fewer than k, as a confidence
+        stop does); else from the arm's acceptance, or the one given."""
+        if k == 0 or arm == PLAIN:
+            return 1.0
+        if acceptance is None and (measured := self.tokens.get((arm, k))) and measured[1] >= 4:
+            return measured[0] / measured[1]
+        a = self.acceptance(arm) if acceptance is None else acceptance
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def seconds(self, arm: str, batch: int, k: int) -> float:
+        if arm == PLAIN:
+            k = 0
+        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+        if k == 0:
+            return self.step[arm, batch, 0].value if (arm, batch, 0) in self.step else self.target.predict(batch) + rest
+        if (arm, batch, k) in self.step:
+            return self.step[arm, batch, k].value + self.catch_up(arm)
+        chunk = self.chunk.get((arm, k), k)
+        draft = k * self.draft[arm].predict(batch) if arm in self.draft else 0.0
+        host = self.host[arm].value if arm in self.host else 0.0
+        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + self.catch_up(arm)
+
+    def goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
+        """Predicted tokens per second of a step of this arm and K over `batch` rows."""
+        return batch * self.expected_tokens(arm, k, acceptance) / max(self.seconds(arm, batch, k), 1e-12)
+
+    def observe(self, m: StepMeasurement) -> None:
+        self.target.add(m.target_tokens, m.target_seconds)
+        batch = len(m.num_draft)
+        arm, k = (m.arm, m.k) if any(m.num_draft) else (PLAIN, 0)
+        # A draft forward over more than two tokens a row feeds what the draft has not seen: new
+        # rows' prompts, steps it sat out. Not a cost of this step's K: charged to the arm apart.
+        steady = [(rows, seconds) for rows, tokens, seconds in m.draft_forwards if tokens <= 2 * rows]
+        forwards = sum(seconds for _, _, seconds in m.draft_forwards)
+        catch_up = forwards - sum(seconds for _, seconds in steady)
+        if m.step_seconds:
+            remember(self.step, (arm, batch, k), m.step_seconds - catch_up, 1024)
+            rest = m.step_seconds - m.target_seconds - m.propose_seconds
+            remember(self.rest, arm, max(rest, 0.0) / batch, 64)
+        if arm == PLAIN:
+            return
+        for rows, seconds in steady:
+            self.draft.setdefault(arm, LinearCost()).add(rows, seconds)
+        remember(self.host, arm, max(m.propose_seconds - forwards, 0.0) / batch, 64)
+        d = self.acceptance_decay
+        spent, steps = self._catch_up.get(arm, (0.0, 0.0))
+        self._catch_up[arm] = (d * spent + catch_up, d * steps + 1)
+        accepted = sum(m.num_accepted)
+        emitted, rows = self.tokens.get((arm, k), (0.0, 0.0))
+        self.tokens[arm, k] = (d * emitted + accepted + batch, d * rows + batch)
+        rejections = sum(1 for n, a in zip(m.num_draft, m.num_accepted) if n and a < n)
+        self._accepted[arm] = d * self._accepted.get(arm, 0.0) + accepted
+        self._trials[arm] = d * self._trials.get(arm, 0.0) + accepted + rejections
+
+    def catch_up(self, arm: str) -> float:
+        """Seconds per step the arm has spent feeding its draft what it had not seen (recent steps)."""
+        spent, steps = self._catch_up.get(arm, (0.0, 0.0))
+        return spent / steps if steps else 0.0

@@ -1,0 +1,82 @@
+"""Which requests hold the engine's slots: the waiting queue, the free slots, the prefill budget
+and the reference counts of prefix groups. Plain Python: no tensors, no model. The engine
+(engine.py) asks it what to admit before each step and tells it which slots finished; the step
+itself (propose, forward, verify) is the engine's.
+
+Admission is first come, first served. A prefill forward right-pads its rows to the longest
+suffix, so admitting stops before rows x longest suffix would pass max_prefill_tokens (one row is
+always admitted, however long). A prefix group's first admitted member computes its prefix; the
+prefix is freed when the group's last member finishes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from .params import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Admission:
+    index: int  # the request's position in the job
+    request: GenerationRequest
+    slot: int
+    prefix_key: tuple[int, ...] | None  # its shared prefix's tokens, None when it has none
+    new_prefix: bool  # the first of its group: the prefix is computed now
+
+
+class Scheduler:
+    def __init__(
+        self,
+        requests: list[GenerationRequest],
+        prefix_keys: list[tuple[int, ...] | None],
+        num_slots: int,
+        max_prefill_tokens: int,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.requests, self.keys = requests, prefix_keys
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting = deque(range(len(requests)))
+        self.free = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
+        self.active: dict[int, int] = {}  # slot -> request index
+        self.members = Counter(k for k in prefix_keys if k is not None)  # per group: members yet to finish
+        self.live: set[tuple[int, ...]] = set()  # groups whose prefix is computed and held
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def admit(self) -> list[Admission]:
+        """Waiting requests for the free slots, as many as the prefill budget takes."""
+        admitted: list[Admission] = []
+        longest = 0
+        while self.waiting and self.free:
+            index = self.waiting[0]
+            request, key = self.requests[index], self.keys[index]
+            longest = max(longest, len(request.prompt_ids) - len(key or ()))
+            if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            self.waiting.popleft()
+            slot = self.free.pop()
+            self.active[slot] = index
+            new = key is not None and key not in self.live
+            if new:
+                self.live.add(key)
+            admitted.append(Admission(index, request, slot, key, new))
+        return admitted
+
+    def finish(self, slot: int) -> tuple[int, ...] | None:
+        """Free the slot. Returns the prefix key of the group whose last member this was (the
+        engine frees that prefix), else None."""
+        index = self.active.pop(slot)
+        self.free.append(slot)
+        key = self.keys[index]
+        if key is None:
+            return None
+        self.members[key] -= 1
+        if self.members[key]:
+            return None
+        self.live.discard(key)
+        return key
