@@ -277,3 +277,17 @@ def test_a_confidence_stop_that_ends_every_row_early_still_verifies(target, shar
     sharp_target, sharp_draft = sharp_pair
     sampled = [GenerationRequest(str(i), [5, 17, 42, 8], 6, SamplingParams(temperature=1.0, seed=i)) for i in range(8)]
     assert all(len(r.completion_ids) == 6 for r in run(sharp_target, sampled, 8, sharp_draft, FixedPolicy(4), (), 1.01))
+
+
+def test_the_engine_feeds_the_policy_what_each_step_cost(target, sharp_pair):
+    """One StepMeasurement per decode step reaches the cost model: the target's forwards, the
+    draft's steady forwards by rows, its catch-up (the draft's prefill of new rows), acceptance."""
+    draft = noisy_copy(target, 0.3, seed=2)
+    policy = GoodputPolicy(max_k=3)
+    requests = [GenerationRequest(str(i), p, 8) for i, p in enumerate(random_prompts(6, seed=5))]
+    run(target, requests, 3, draft, policy, eos=())
+    costs = policy.costs
+    assert policy.arms == ["draft"] and costs.target.known
+    assert costs.measured("draft") and costs.draft["draft"].known  # steady draft forwards, by rows
+    assert costs.catch_up("draft") > 0  # the first proposal fed every row's prompt to the draft
+    assert any(arm == "draft" and k > 0 for arm, _, k in costs.step) and ("ar", 3, 0) in costs.step

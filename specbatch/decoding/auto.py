@@ -23,7 +23,8 @@ class ArmSet:
             raise ValueError("an ArmSet needs at least one proposer")
         self.arms = dict(arms)
         self.names = list(self.arms)
-        self.chosen: str | None = None
+        self.chosen: str | None = None  # the arm that proposed this step, until it is told what was accepted
+        self.last_forwards: list[tuple[int, int, float]] = []  # of the last proposal, whichever arm made it
         self.tried: dict[str, int] = {n: 0 for n in self.names}  # steps each arm drafted
         self.scratch_positions = max(p.scratch_positions for p in self.arms.values())
 
@@ -36,9 +37,6 @@ class ArmSet:
     def seconds(self) -> float:
         return sum(p.seconds for p in self.arms.values())
 
-    @property
-    def last_forwards(self) -> list[tuple[int, int, float]]:
-        return self.arms[self.chosen].last_forwards if self.chosen else []
 
     def chunk_tokens(self, arm: str, k: int) -> int:
         """Tokens per row the arm's step writes besides the last token (a plain draft: k)."""
@@ -61,6 +59,7 @@ class ArmSet:
         self.chosen = arm
         draft = self.arms[arm].propose(slots, seqs, num_draft, sampling)
         draft.source = arm
+        self.last_forwards = self.arms[arm].last_forwards
         self.tried[arm] += 1
         return draft
 
