@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--systems", default=None, help="comma-separated system names to run (default: all; e.g. specbatch-ar,specbatch-auto)"
     )
+    bench.add_argument(
+        "--workloads", default=None, help="comma-separated workloads to run (default: all; e.g. long-outputs,independent)"
+    )
 
     demo = sub.add_parser("demo", help="the bundled prompts and demo models, end to end")
     demo.add_argument(
@@ -282,19 +285,24 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench.runner import check_systems, ratios, run_bench
+    from .bench.runner import check_systems, check_workloads, ratios, run_bench
 
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     systems = args.systems.split(",") if args.systems else None
+    workloads = args.workloads.split(",") if args.workloads else None
     try:
         check_systems(systems)
+        check_workloads(workloads)
     except ValueError as e:
         raise SpecbatchError(str(e)) from e
     if args.repeat < 1:
         raise SpecbatchError(f"--repeat must be >= 1, got {args.repeat}")
-    table = run_bench(Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat).to_pylist()
+    table = run_bench(
+        Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads
+    ).to_pylist()
     to_hf, to_ar = ratios(table, "hf-generate-batch"), ratios(table, "specbatch-ar")
-    columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "identical", "MFU", "seconds"]
+    columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "identical", "MFU"]
+    columns += ["seconds", "accepted", "steps by arm"]
     rows = [
         (
             r["workload"],
@@ -306,6 +314,8 @@ def cmd_bench(args) -> None:
             r["identical_to_reference"],
             f"{r['mfu']:.2%}",
             round(r["seconds"], 2),
+            f"{r['accepted_tokens']}/{r['drafted_tokens']}" if r["drafted_tokens"] else None,
+            r["arm_steps"],
         )
         for i, r in enumerate(table)
     ]

@@ -58,6 +58,13 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
     assert set(rows[0]) == set(runner.SCHEMA.names)
     for r in rows:
         assert r["output_tokens"] > 0 and r["seconds"] > 0 and 0 < r["mfu"] < 1
+        engine = r["system"].startswith("specbatch-") and r["system"] != "specbatch-pipeline"
+        assert (r["arm_steps"] is not None) == (engine and r["method"] != "ar"), r["system"]
+        if r["arm_steps"]:  # decode steps by what drafted them, and what that drafting got accepted
+            arms = dict(part.split(":") for part in r["arm_steps"].split())
+            assert set(arms) <= {"ar", "draft", "ngram", "lookahead", "layerskip"} and all(int(n) > 0 for n in arms.values())
+            assert 0 <= r["accepted_tokens"] <= r["drafted_tokens"]
+            assert (r["drafted_tokens"] > 0) == (set(arms) != {"ar"}), r
         if r["workload"] == "shared-prefix":
             assert r["identical_to_reference"] is True, r["system"]
         else:
@@ -109,3 +116,29 @@ def test_bench_runs_the_systems_asked_for_and_keeps_the_fastest_of_repeats(tmp_p
     assert all(r["identical_to_reference"] for r in table if r["workload"] == "shared-prefix")
     with pytest.raises(ValueError, match="unknown bench systems"):
         runner.check_systems(["specbatch-nope"])
+
+
+def test_bench_runs_the_workloads_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "make_workloads", tiny)
+    table = runner.run_bench(
+        tmp_path, quick=True, batch_sizes=[2], model="random-tiny", systems=["specbatch-ar"], workloads=["n4-sampling"]
+    ).to_pylist()
+    assert [(r["workload"], r["system"]) for r in table] == [("n4-sampling", "specbatch-ar")]
+    with pytest.raises(ValueError, match="unknown bench workloads"):
+        runner.check_workloads(["shared"])
+    assert main(["bench", "--out", str(tmp_path), "--workloads", "shared"]) == 2  # before any model loads
+
+
+def test_ratios_leave_a_cell_without_output_empty():
+    rows = [
+        dict(workload="w", batch_size=1, system="specbatch-ar", tokens_per_s=0.0),
+        dict(workload="w", batch_size=1, system="specbatch-auto", tokens_per_s=5.0),
+    ]
+    assert runner.ratios(rows, "specbatch-ar") == [None, None]
+
+
+def test_bench_prompts_are_bundled_not_read_from_the_running_python():
+    from specbatch.bench.workloads import SOURCES, held_out_sources
+
+    texts = held_out_sources()
+    assert SOURCES.is_file() and len(texts) == 26 and all(4000 < len(t) <= 12000 for t in texts)

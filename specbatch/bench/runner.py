@@ -25,7 +25,7 @@ from ..storage.atomic import write_parquet
 from ..workers.models import DEMO_MODELS
 from .models import load_pair
 from .systems import SYSTEMS, Measurement, Models
-from .workloads import Workload, make_workloads
+from .workloads import WORKLOADS, Workload, make_workloads
 
 SCHEMA = pa.schema(
     [
@@ -39,6 +39,9 @@ SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("tokens_per_s", pa.float64()),
         ("target_steps", pa.int64()),
+        ("drafted_tokens", pa.int64()),
+        ("accepted_tokens", pa.int64()),
+        ("arm_steps", pa.string()),  # decode steps by what drafted them, e.g. "ngram:9 ar:23"
         ("identical_to_reference", pa.bool_()),  # greedy rows vs hf-generate; null when sampled
         ("peak_memory_bytes", pa.int64()),  # peak RSS growth (CPU) or peak allocated (GPU) during the run
         ("mfu", pa.float64()),
@@ -147,10 +150,18 @@ def pipeline_row(workload: Workload, tokenizer, batch_size: int) -> tuple[Measur
 
 def check_systems(systems: list[str] | None) -> list[str]:
     """The systems to run: those named (each must be known), or all."""
-    known = [name for name, *_ in SYSTEMS] + ["specbatch-pipeline"]
-    if unknown := sorted(set(systems or ()) - set(known)):
-        raise ValueError(f"unknown bench systems {unknown}; choose from {', '.join(known)}")
-    return systems or known
+    return _check("systems", systems, [name for name, *_ in SYSTEMS] + ["specbatch-pipeline"])
+
+
+def check_workloads(workloads: list[str] | None) -> list[str]:
+    """The workloads to run: those named (each must be known), or all."""
+    return _check("workloads", workloads, WORKLOADS)
+
+
+def _check(what: str, names: list[str] | None, known: list[str]) -> list[str]:
+    if unknown := sorted(set(names or ()) - set(known)):
+        raise ValueError(f"unknown bench {what} {unknown}; choose from {', '.join(known)}")
+    return names or known
 
 
 def run_bench(
@@ -161,13 +172,16 @@ def run_bench(
     model: str = "demo",
     systems: list[str] | None = None,
     repeat: int = 1,
+    workloads: list[str] | None = None,
 ) -> pa.Table:
-    """systems: names from SYSTEMS (and specbatch-pipeline) to run; None: all of them. repeat:
+    """systems: names from SYSTEMS (and specbatch-pipeline) to run; None: all of them. workloads:
+    names from make_workloads; None: all of them. repeat:
     runs of each system per cell, alternated; the fastest is recorded (as timeit does: on a
     shared machine noise only ever adds time)."""
     from transformers import AutoTokenizer
 
     wanted = set(check_systems(systems))
+    workloads = check_workloads(workloads)
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     batch_sizes = batch_sizes or ([8] if quick else [1, 8, 32])
@@ -200,6 +214,9 @@ def run_bench(
                 seconds=m.seconds,
                 tokens_per_s=out_tokens / m.seconds,
                 target_steps=m.target_steps,
+                drafted_tokens=m.drafted,
+                accepted_tokens=m.accepted,
+                arm_steps=m.arms,
                 identical_to_reference=identical,
                 peak_memory_bytes=memory,
                 mfu=2 * non_embedding * (w.prompt_tokens + out_tokens) / m.seconds / peak,
@@ -211,11 +228,13 @@ def run_bench(
         r = rows[-1]
         print(
             f"{w.name:14s} {system:26s} batch {batch:3d}: {r['tokens_per_s']:8.1f} tok/s  {m.seconds:6.2f}s  "
-            f"identical={identical}",
+            f"identical={identical}" + (f"  accepted {m.accepted}/{m.drafted}  steps {m.arms}" if m.arms else ""),
             flush=True,
         )
 
     for w in make_workloads(tokenizer, quick):
+        if w.name not in workloads:
+            continue
         for batch in batch_sizes:
             best: dict[str, tuple[Measurement, int]] = {}
             for _ in range(repeat):  # the systems alternate, so a slow spell of the machine hits them alike
@@ -246,7 +265,7 @@ def ratios(rows: list[dict], system: str) -> list[float | None]:
     """Each row's tok/s as a ratio to `system`'s on the same workload at the same batch size."""
     base = {(r["workload"], r["batch_size"]): r["tokens_per_s"] for r in rows if r["system"] == system}
     return [
-        round(r["tokens_per_s"] / base[key], 2) if (key := (r["workload"], r["batch_size"])) in base else None
+        round(r["tokens_per_s"] / base[key], 2) if base.get(key := (r["workload"], r["batch_size"])) else None
         for r in rows
     ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ class Measurement:
     outputs: list[list[int]]  # generated tokens per request, EOS excluded
     seconds: float
     target_steps: int | None  # target forwards, where the system reports them
+    drafted: int | None = None  # drafted and accepted tokens, where the system reports them
+    accepted: int | None = None
+    arms: str | None = None  # decode steps by what drafted them ("ngram:9 ar:23"), summed over requests
 
 
 def _strip(tokens: list[int], eos: int) -> list[int]:
@@ -131,7 +135,15 @@ def specbatch_engine(method: str, policy: str | None = None, k: int = 4, share_p
         t0 = time.perf_counter()
         results = engine.generate(requests)
         seconds = time.perf_counter() - t0
-        return Measurement([r.completion_ids for r in results], seconds, sum(r.target_steps for r in results))
+        arms = Counter(step.method for r in results for step in r.steps)
+        return Measurement(
+            [r.completion_ids for r in results],
+            seconds,
+            sum(r.target_steps for r in results),
+            sum(r.drafted_tokens for r in results),
+            sum(r.accepted_tokens for r in results),
+            " ".join(f"{arm}:{n}" for arm, n in arms.most_common()) or None,
+        )
 
     return run
 
