@@ -15,6 +15,12 @@ uses as given.
 A slot may read a shared prefix (shared_prefix.py): then it stores only its own tokens, and its
 positions start after the prefix. `prefix_groups()` tells cascade attention which rows read which
 prefix; the prefix's keys are never copied into the slot.
+
+On a GPU the attention sees the cache up to a length rounded up to a multiple of `KV_BUCKET`
+keys (the ones past a row's end masked), not one longer each step: on an H200 the first step at
+each new attention shape cost 40-100 ms (docs/benchmarks.md), so a run should meet few of them.
+The capacity is rounded up alike. On the CPU, where a shape costs nothing the first time, the
+length is exact.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ import torch
 from .shared_prefix import SharedPrefix
 
 
+KV_BUCKET = {"cuda": 64}  # device type -> keys the attended length is rounded to (1 where absent)
+
+
 class SlotKVCache:
     is_compileable = False  # read by some models' mask code; this cache is never torch.compile'd
 
     def __init__(self, config, num_slots: int, capacity: int, device, dtype: torch.dtype) -> None:
+        self.bucket = KV_BUCKET.get(torch.device(device).type, 1)
+        capacity = -(-capacity // self.bucket) * self.bucket
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         shape = (num_slots, kv_heads, capacity, head_dim)
@@ -108,6 +119,7 @@ class SlotKVCache:
         kv_len = max(self.lengths[s] + n for s, n in zip(slots, num_real))
         if kv_len > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded (need {kv_len})")
+        kv_len = min(-(-kv_len // self.bucket) * self.bucket, self.capacity)  # keys past a row's end stay masked
         self._slots = torch.tensor(slots, device=self.device)
         self._slots_lead = slots == list(range(len(slots)))
         offsets = torch.arange(q_len, device=self.device)
