@@ -242,3 +242,35 @@ def test_auto_never_runs_an_arm_predicted_slower_than_plain():
     # the negative control: cheap verification, the same arms: drafting wins and is chosen
     flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
     assert auto_steps(GoodputPolicy(max_k=4), 32, 300, flat, arms)[100:].count("ar") < 10
+
+
+def opening_steps(policy: GoodputPolicy, steps: int, matches_from: dict, acceptance: float) -> list[Choice]:
+    """Batch-of-one steps on cheap verification where an arm drafts nothing before step
+    matches_from[arm] (an n-gram table with no match yet) and then drafts K, `acceptance` of it
+    accepted. Returns the choices."""
+    flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
+    policy.bind(list(matches_from), lambda arm, k: k)
+    choices = []
+    for step in range(steps):
+        choice = policy.choose(1)
+        drafted = choice.k if not choice.plain and step >= matches_from[choice.arm] else 0
+        accepted = int(drafted * acceptance)
+        arm = choice.arm if drafted else "ar"
+        target = flat(1 + drafted)
+        policy.observe(StepMeasurement(arm, choice.k, [drafted], [accepted], 1 + drafted, target, 0.0, step_seconds=target))
+        choices.append(choice)
+    return choices
+
+
+def test_a_probe_that_drafts_nothing_does_not_end_the_opening():
+    """A batch of one whose prompt repeats nothing yet: the n-gram probe drafts nothing and the
+    target is seen at one size only. The opening goes on (probing costs a lookup) until a probe
+    drafts, which shows the target at a second size; then it drafts where that pays."""
+    choices = opening_steps(GoodputPolicy(max_k=4), 60, {"ngram": 5}, acceptance=1.0)
+    assert [(c.arm, c.k) for c in choices[:6]] == [("ngram", 2)] * 6
+    assert sum(not c.plain for c in choices[6:]) >= 50
+
+    # auto: an arm that drafts nothing hands the opening to the next one
+    choices = opening_steps(GoodputPolicy(max_k=4), 60, {"ngram": 1000, "draft": 0}, acceptance=1.0)
+    assert [c.arm for c in choices[:2]] == ["ngram", "draft"]
+    assert sum(c.arm == "draft" for c in choices[2:]) >= 50

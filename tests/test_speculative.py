@@ -12,7 +12,7 @@ import torch
 
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import verifier as verifier_module
-from specbatch.decoding.cost_model import StepMeasurement
+from specbatch.decoding.cost_model import CostModel, StepMeasurement
 from specbatch.decoding.draft_policy import FixedPolicy, GoodputPolicy
 from specbatch.decoding.proposer import DraftModelProposer
 from specbatch.decoding.sampling import RowSampling, probs_from_logits
@@ -284,10 +284,30 @@ def test_the_engine_feeds_the_policy_what_each_step_cost(target, sharp_pair):
     draft's steady forwards by rows, its catch-up (the draft's prefill of new rows), acceptance."""
     draft = noisy_copy(target, 0.3, seed=2)
     policy = GoodputPolicy(max_k=3)
+    seen = []
+    observe = policy.observe
+    policy.observe = lambda m: (seen.append(m), observe(m))
     requests = [GenerationRequest(str(i), p, 8) for i, p in enumerate(random_prompts(6, seed=5))]
     run(target, requests, 3, draft, policy, eos=())
     costs = policy.costs
     assert policy.arms == ["draft"] and costs.target.known
     assert costs.measured("draft") and costs.draft["draft"].known  # steady draft forwards, by rows
-    assert costs.catch_up("draft") > 0  # the first proposal fed every row's prompt to the draft
+    opening = seen[0].draft_forwards  # the first proposal fed every row's prompt to the draft
+    assert any(tokens > 2 * rows for rows, tokens, _ in opening)
     assert any(arm == "draft" and k > 0 for arm, _, k in costs.step) and ("ar", 3, 0) in costs.step
+
+
+def test_catch_up_is_charged_after_sitting_out_not_for_the_opening_prefill():
+    """An arm's first step feeds the draft every prompt (charged to no one: any use pays it
+    once); a later forward over tokens the draft skipped is the arm's catch-up."""
+    costs = CostModel()
+
+    def step(draft_forwards):
+        costs.observe(StepMeasurement("draft", 2, [2, 2], [1, 1], 6, 0.01, 0.004, draft_forwards, step_seconds=0.02))
+
+    step([(2, 40, 0.005), (2, 2, 0.001)])  # the opening: both prompts, then a steady forward
+    assert costs.catch_up("draft") == 0.0
+    step([(2, 2, 0.001)])
+    assert costs.catch_up("draft") == 0.0
+    step([(2, 20, 0.003), (2, 2, 0.001)])  # back after sitting out: 10 skipped tokens a row
+    assert 0.0 < costs.catch_up("draft") <= 0.003

@@ -204,8 +204,14 @@ class CostModel:
             self.draft.setdefault(arm, LinearCost()).add(rows, seconds)
         remember(self.host, arm, max(m.propose_seconds - forwards, 0.0) / batch, 64)
         d = self.acceptance_decay
-        spent, steps = self._catch_up.get(arm, (0.0, 0.0))
-        self._catch_up[arm] = (d * spent + catch_up, d * steps + 1)
+        # An arm's first step feeds the draft every row's prompt: the prefill any use of it pays
+        # once, not a cost of having sat out. Charged as catch-up, one slow opening would price
+        # the arm out for good (it is never run again to average it away).
+        if arm in self._catch_up:
+            spent, steps = self._catch_up[arm]
+            self._catch_up[arm] = (d * spent + catch_up, d * steps + 1)
+        else:
+            self._catch_up[arm] = (0.0, 1.0)
         accepted = sum(m.num_accepted)
         emitted, rows = self.tokens.get((arm, k), (0.0, 0.0))
         self.tokens[arm, k] = (d * emitted + accepted + batch, d * rows + batch)

@@ -19,8 +19,10 @@ run is predicted with a prior acceptance and the chunk its proposer declares (lo
 wide), and is tried only where that prediction beats plain. An arm that sits out is probed again,
 with a short draft, only where it would win at a hopeful acceptance; each probe that does not win
 doubles the wait before the next one of that arm (a probe may cost a draft catch-up forward over
-everything it skipped). Before anything is measured it drafts the short probe length with its
-first arm, then takes one plain step, so the target's cost is seen at two sizes.
+everything it skipped). Until the target's cost is seen at two sizes it drafts the short probe
+length with its first arm, then takes one plain step; where a probe drafts nothing (an n-gram
+lookup with no match) the next arm opens instead, in turn, so a batch of one whose prompt repeats
+nothing still learns what drafting costs.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class GoodputPolicy:
     _last_run: dict = field(default_factory=dict)  # arm -> step it last drafted
     _wait: dict = field(default_factory=dict)  # arm -> steps to sit out before its next probe
     _probing: str | None = None
+    _opening: int = 0  # opening probes that drafted nothing
+    _opened: bool = False  # an opening probe drafted
+    _opening_probe: bool = False
 
     def bind(self, arms: list[str], chunk=None) -> None:
         """The proposers it chooses among (the engine's, unless given at construction), and
@@ -104,12 +109,16 @@ class GoodputPolicy:
     def choose(self, batch_size: int) -> Choice:
         self._steps += 1
         self._probing = None
+        self._opening_probe = False
         if not self.arms or self.max_k == 0:
             return PLAIN_STEP
-        if not self.costs.target.known:  # nothing measured yet: draft a little, learn the costs
-            return self._ran(Choice(self.arms[0], min(self.probe_k, self.max_k)))
-        if not self.costs.target.has_slope:
-            return PLAIN_STEP  # a plain step measures the target at a second size
+        if not self.costs.target.has_slope:  # the target not yet measured at two sizes
+            if self._opened:
+                return PLAIN_STEP  # a probe drafted: a plain step measures the target at a second size
+            # Draft a little to learn the costs. A probe can draft nothing (an n-gram lookup that
+            # finds no match; a batch of one never changes size): then the next arm opens.
+            self._opening_probe = True
+            return self._ran(Choice(self.arms[self._opening % len(self.arms)], min(self.probe_k, self.max_k)))
         plain = self.costs.goodput(PLAIN, batch_size, 0)
         rate, choice = self.best(batch_size, self.arms)
         if rate < (1 + self.switch_margin) * plain:
@@ -129,6 +138,11 @@ class GoodputPolicy:
 
     def observe(self, measurement: StepMeasurement) -> None:
         self.costs.observe(measurement)
+        if self._opening_probe:
+            if any(measurement.num_draft):
+                self._opened = True
+            else:
+                self._opening += 1
         arm = self._probing
         if arm is not None:  # a probe that would not be chosen now waits twice as long for the next
             batch = len(measurement.num_draft)

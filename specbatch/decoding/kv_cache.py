@@ -29,7 +29,6 @@ import torch
 
 from .shared_prefix import SharedPrefix
 
-
 KV_BUCKET = {"cuda": 64}  # device type -> keys the attended length is rounded to (1 where absent)
 
 
