@@ -168,7 +168,7 @@ class RoundRobin:
     def __init__(self, k: int) -> None:
         self.k, self.steps, self.arms = k, 0, []
 
-    def bind(self, arms, chunk=None) -> None:
+    def bind(self, arms, chunk=None, share=None) -> None:
         self.arms = ["ar", *arms]
 
     def choose(self, batch_size: int) -> Choice:
@@ -201,11 +201,11 @@ def test_greedy_layerskip_and_auto_equal_plain_decoding(batch_size):
             assert min(proposer.tried.values()) >= 1 and len(methods) >= 3
 
 
-def auto_steps(policy: GoodputPolicy, batch: int, steps: int, target_cost, arms: dict) -> list[str]:
+def auto_steps(policy: GoodputPolicy, batch: int, steps: int, target_cost, arms: dict, share=None) -> list[str]:
     """Synthetic steps of a policy over arms: name -> (acceptance, proposing seconds per row).
     Returns the arm each step ran ("ar" for plain)."""
     rng = np.random.default_rng(0)
-    policy.bind(list(arms), lambda arm, k: 24 if arm == "wide" else k)
+    policy.bind(list(arms), lambda arm, k: 24 if arm == "wide" else k, share)
     chosen = []
     for _ in range(steps):
         choice = policy.choose(batch)
@@ -274,3 +274,24 @@ def test_a_probe_that_drafts_nothing_does_not_end_the_opening():
     choices = opening_steps(GoodputPolicy(max_k=4), 60, {"ngram": 1000, "draft": 0}, acceptance=1.0)
     assert [c.arm for c in choices[:2]] == ["ngram", "draft"]
     assert sum(c.arm == "draft" for c in choices[2:]) >= 50
+
+
+def test_auto_prices_a_draft_model_it_has_not_run_by_its_size():
+    """A draft forward not yet measured costs its share of the target's (parameters or layers):
+    one as costly as the target is never run, however well it might accept; a free one is."""
+    flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
+    arms = {"ngram": (0.0, 0.0), "draft": (0.8, 0.0)}
+    heavy = auto_steps(GoodputPolicy(max_k=4), 4, 200, flat, arms, share=lambda arm: 0.0 if arm == "ngram" else 1.0)
+    assert "draft" not in heavy
+    free = auto_steps(GoodputPolicy(max_k=4), 4, 200, flat, arms, share=lambda arm: 0.0)
+    assert free[100:].count("draft") >= 90
+
+
+def test_the_engine_declares_each_arms_size_to_the_policy():
+    model, draft = tiny_llama(seed=4, layers=4), tiny_llama(seed=9, layers=1, hidden=16)
+    proposer, policy = make_speculation("auto", model, draft, "adaptive", 3)
+    Engine(model, [EOS], 2, proposer=proposer, policy=policy)
+    share = policy.costs.share
+    assert share["ngram"] == share["lookahead"] == 0.0
+    assert share["draft"] == 0.25  # 1 of 4 layers (its parameters are a smaller share)
+    assert 0 < share["layerskip"] < 1

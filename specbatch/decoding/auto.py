@@ -37,6 +37,17 @@ class ArmSet:
     def seconds(self) -> float:
         return sum(p.seconds for p in self.arms.values())
 
+    def cost_share(self, target_parameters: int, target_layers: int):
+        """arm -> a draft forward's prior cost as a share of a target forward over the same rows:
+        the larger of its share of the parameters (what a forward bound by arithmetic or memory
+        pays) and of the layers (what one bound by per-layer calls pays, as small models and small
+        batches are); 0 for a model-free arm."""
+
+        def share(arm: str) -> float:
+            p = self.arms[arm]
+            return max(getattr(p, "parameters", 0) / max(target_parameters, 1), getattr(p, "layers", 0) / max(target_layers, 1))
+
+        return share
 
     def chunk_tokens(self, arm: str, k: int) -> int:
         """Tokens per row the arm's step writes besides the last token (a plain draft: k)."""

@@ -25,7 +25,10 @@ and predicts, for an arm not yet run at (B, K):
     goodput            = tokens / seconds;  plain ("ar", K = 0): B / seconds("ar", B, 0)
 
 chunk(arm, K) is what the proposer writes per row besides the last token: K for a draft, more for
-lookahead's window and candidates (each proposer says so: Proposer.chunk_tokens).
+lookahead's window and candidates (each proposer says so: Proposer.chunk_tokens). Before a draft
+forward is measured, draft[arm](B) = share[arm] x target(B): the parameters the draft multiplies
+over the target's (a draft model's, a layer-skip view's kept layers; 0 for model-free arms), so
+an arm whose draft costs more than drafting could gain is never run to find that out.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ class CostModel:
     host: dict = field(default_factory=dict)  # arm -> Recent proposing seconds per row
     rest: dict = field(default_factory=dict)  # arm -> Recent seconds per row of the step's other work (bookkeeping)
     chunk: dict = field(default_factory=dict)  # (arm, K) -> tokens per row besides the last, declared
+    share: dict = field(default_factory=dict)  # arm -> a draft forward's cost over the target's, declared
     tokens: dict = field(default_factory=dict)  # (arm, K) -> decayed (tokens emitted, rows) of its steps
     _catch_up: dict = field(default_factory=dict)  # arm -> decayed (catch-up seconds, steps)
     _accepted: dict = field(default_factory=dict)  # arm -> decayed accepted drafts
@@ -177,7 +181,10 @@ class CostModel:
         if (arm, batch, k) in self.step:
             return self.step[arm, batch, k].value + self.catch_up(arm)
         chunk = self.chunk.get((arm, k), k)
-        draft = k * self.draft[arm].predict(batch) if arm in self.draft else 0.0
+        if arm in self.draft:
+            draft = k * self.draft[arm].predict(batch)
+        else:  # not yet measured: its share of a target forward over the same rows
+            draft = k * self.share.get(arm, 0.0) * self.target.predict(batch)
         host = self.host[arm].value if arm in self.host else 0.0
         return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + self.catch_up(arm)
 

@@ -54,7 +54,7 @@ class FixedPolicy:
         self.k = k
         self.arm = PLAIN
 
-    def bind(self, arms: list[str], chunk=None) -> None:
+    def bind(self, arms: list[str], chunk=None, share=None) -> None:
         self.arm = arms[0]
 
     def choose(self, batch_size: int) -> Choice:
@@ -82,15 +82,18 @@ class GoodputPolicy:
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
 
-    def bind(self, arms: list[str], chunk=None) -> None:
-        """The proposers it chooses among (the engine's, unless given at construction), and
-        chunk(arm, k): the tokens per row each writes besides the last."""
+    def bind(self, arms: list[str], chunk=None, share=None) -> None:
+        """The proposers it chooses among (the engine's, unless given at construction),
+        chunk(arm, k): the tokens per row each writes besides the last, and share(arm): a draft
+        forward's cost as a share of the target's, until one is measured."""
         if not self.arms:
             self.arms = list(arms)
-        if chunk is not None:
-            for arm in self.arms:
+        for arm in self.arms:
+            if chunk is not None:
                 for k in self.candidate_ks:
                     self.costs.chunk.setdefault((arm, k), chunk(arm, k))
+            if share is not None:
+                self.costs.share.setdefault(arm, share(arm))
 
     @property
     def candidate_ks(self) -> list[int]:

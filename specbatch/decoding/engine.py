@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .architecture import decoder_layers
 from .auto import ArmSet
 from .cascade_attention import supports_cascade
 from .cost_model import StepMeasurement
 from .forward import forward_slots, last_logits, pad_right
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
-from .proposer import Proposer
+from .proposer import Proposer, forward_parameters
 from .sampling import RowSampling, next_tokens
 from .scheduler import Scheduler
 from .shared_prefix import SharedPrefix
@@ -104,7 +105,11 @@ class Engine:
         self.proposer = ArmSet.of(proposer) if proposer is not None else None
         self.policy = policy
         if policy is not None:
-            policy.bind(self.proposer.names, self.proposer.chunk_tokens)
+            policy.bind(
+                self.proposer.names,
+                self.proposer.chunk_tokens,
+                self.proposer.cost_share(forward_parameters(model), len(decoder_layers(model))),
+            )
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

@@ -13,12 +13,18 @@ from typing import Protocol
 
 import torch
 
+from .architecture import decoder_layers
 from .cascade_attention import supports_cascade
 from .forward import last_logits
 from .kv_cache import SlotKVCache
 from .sampling import RowSampling, probs_from_logits, sample
 from .shared_prefix import SharedPrefix
 from .verifier import Draft
+
+
+def forward_parameters(model) -> int:
+    """Parameters a forward multiplies: all but the input embedding (a lookup)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
 
 
 class Proposer(Protocol):
@@ -28,6 +34,9 @@ class Proposer(Protocol):
     scratch_positions: int  # target cache positions a step may write beyond a row's token limit (tree drafts)
     # Optional: chunk_tokens(k) -> tokens per row a step writes besides the last token, where it is
     # not k (lookahead's window); the cost model prices a method it has not run yet by it.
+    # Optional: parameters and layers -> what a draft forward runs (a draft model's, the layers a
+    # layer-skip view keeps); the cost model prices a draft forward not yet run by its share of
+    # the target's. Model-free proposers have neither.
 
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""
@@ -66,6 +75,7 @@ class DraftModelProposer:
 
     def __init__(self, model, confidence_threshold: float = 0.0) -> None:
         self.model = model
+        self.parameters, self.layers = forward_parameters(model), len(decoder_layers(model))
         self.confidence_threshold = confidence_threshold
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
