@@ -26,9 +26,10 @@ and predicts, for an arm not yet run at (B, K):
 
 chunk(arm, K) is what the proposer writes per row besides the last token: K for a draft, more for
 lookahead's window and candidates (each proposer says so: Proposer.chunk_tokens). Before a draft
-forward is measured, draft[arm](B) = share[arm] x target(B): the parameters the draft multiplies
-over the target's (a draft model's, a layer-skip view's kept layers; 0 for model-free arms), so
-an arm whose draft costs more than drafting could gain is never run to find that out.
+forward is measured, draft[arm](B) = share[arm] x target(B): the larger of the draft's share of
+the target's parameters and of its layers (a draft model's, a layer-skip view's kept layers; 0
+for model-free arms), so an arm whose draft costs more than drafting could gain is never run to
+find that out.
 """
 
 from __future__ import annotations
