@@ -37,7 +37,7 @@ class SlotKVCache:
 
     def __init__(self, config, num_slots: int, capacity: int, device, dtype: torch.dtype) -> None:
         self.bucket = KV_BUCKET.get(torch.device(device).type, 1)
-        capacity = -(-capacity // self.bucket) * self.bucket
+        capacity = self._rounded(capacity)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         shape = (num_slots, kv_heads, capacity, head_dim)
@@ -53,6 +53,10 @@ class SlotKVCache:
         self._kv_len = 0
         self._real: torch.Tensor | None = None
         self._slots_lead = False
+
+    def _rounded(self, n: int) -> int:
+        """n rounded up to a multiple of the bucket."""
+        return -(-n // self.bucket) * self.bucket
 
     @property
     def nbytes(self) -> int:
@@ -118,7 +122,7 @@ class SlotKVCache:
         kv_len = max(self.lengths[s] + n for s, n in zip(slots, num_real))
         if kv_len > self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded (need {kv_len})")
-        kv_len = min(-(-kv_len // self.bucket) * self.bucket, self.capacity)  # keys past a row's end stay masked
+        kv_len = min(self._rounded(kv_len), self.capacity)  # keys past a row's end stay masked
         self._slots = torch.tensor(slots, device=self.device)
         self._slots_lead = slots == list(range(len(slots)))
         offsets = torch.arange(q_len, device=self.device)
