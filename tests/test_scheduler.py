@@ -59,3 +59,28 @@ def test_a_prefix_is_computed_by_its_first_member_and_freed_after_its_last():
     assert s.finish(c.slot) is None
     assert s.finish(d.slot) == key  # the last member: free it
     assert not s.has_work and not s.live
+
+
+def test_freed_slots_wait_for_company_before_a_prefill():
+    """Rows that finish apart would take a prefill forward each; freed slots wait until they have
+    stood empty admit_wait x num_slots slot-steps, then go together. Never while nothing decodes,
+    and not when every waiting request can go at once."""
+    s = Scheduler(requests([3] * 12), [None] * 12, num_slots=4, max_prefill_tokens=100, admit_wait=1.0)
+    assert len(s.admit()) == 4  # nothing decodes yet: no waiting
+    s.finish(0)
+    assert [s.admit() for _ in range(4)] == [[]] * 4  # one free slot: 4 slot-steps of patience
+    s.finish(1)
+    (a, b) = s.admit()  # two free slots: 4 + 2 > 4, they go together
+    assert (a.index, b.index) == (4, 5)
+    for slot in range(4):
+        s.finish(slot)
+    assert len(s.admit()) == 4  # nothing decodes: at once
+    s.finish(0), s.finish(1)
+    assert len(s.admit()) == 2  # the last two waiting requests: nothing to wait for
+    assert not s.waiting
+
+    at_once = Scheduler(requests([3] * 6), [None] * 6, num_slots=4, max_prefill_tokens=100)
+    at_once.admit(), at_once.finish(2)
+    assert [a.index for a in at_once.admit()] == [4]  # the default: no waiting
+    with pytest.raises(ValueError, match="admit_wait"):
+        Scheduler(requests([3]), [None], num_slots=1, max_prefill_tokens=100, admit_wait=-1)

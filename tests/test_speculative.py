@@ -12,7 +12,7 @@ import torch
 
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import verifier as verifier_module
-from specbatch.decoding.cost_model import CostModel, StepMeasurement
+from specbatch.decoding.cost_model import CostModel, Recent, StepMeasurement
 from specbatch.decoding.draft_policy import FixedPolicy, GoodputPolicy
 from specbatch.decoding.proposer import DraftModelProposer
 from specbatch.decoding.sampling import RowSampling, probs_from_logits
@@ -311,3 +311,58 @@ def test_catch_up_is_charged_after_sitting_out_not_for_the_opening_prefill():
     assert costs.catch_up("draft") == 0.0
     step([(2, 20, 0.003), (2, 2, 0.001)])  # back after sitting out: 10 skipped tokens a row
     assert 0.0 < costs.catch_up("draft") <= 0.003
+
+
+def test_recent_costs_are_means_without_stalls():
+    """A stall (another process on the machine) is left out; otherwise the mean, not a low
+    quantile, which would price whatever varies most (a draft step) below its average."""
+    stalled = Recent(0.010)
+    for value in (0.010, 0.010, 0.011, 0.009, 0.080):
+        stalled.add(value)
+    assert stalled.value == pytest.approx(0.010)
+    varied = Recent(0.010)
+    for value in (0.030, 0.020, 0.012, 0.028):
+        varied.add(value)
+    assert varied.value == pytest.approx(0.02)
+
+
+def test_prefill_of_admitted_rows_is_a_cost_of_every_token():
+    """The prefill before a step filled what earlier steps freed: charged per emitted token, it
+    shrinks a draft step's predicted gain over a plain step (rows finish sooner, more prefill)."""
+
+    def gain(admission_seconds: float) -> float:
+        costs = CostModel()
+        for _ in range(8):
+            costs.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.008, step_seconds=0.010, admission_seconds=admission_seconds))
+            costs.observe(StepMeasurement("draft", 3, [3] * 4, [3] * 4, 16, 0.012, 0.008, [(4, 4, 0.002)] * 4, 0.024, admission_seconds))
+        assert costs.admission == pytest.approx(16 * admission_seconds / (8 * 4 + 8 * 16), rel=0.1)
+        return costs.goodput("draft", 4, 3) / costs.goodput("ar", 4, 0)
+
+    assert gain(0.0) == pytest.approx(16 / 0.024 / (4 / 0.010))
+    assert 1.0 < gain(0.012) < gain(0.0) - 0.2
+
+
+def spell_steps(policy: GoodputPolicy, steps: int = 200) -> list[str]:
+    """A batch of 4 where drafting gains less than plain steps do, at any speed, on a machine
+    that was three times slower for the one plain step of the opening. Returns each step's arm."""
+    policy.bind(["draft"], share=lambda arm: 0.0)
+    chosen = []
+    for step in range(steps):
+        slow = 3.0 if step == 1 else 1.0
+        choice = policy.choose(4)
+        k = choice.k
+        target = slow * (0.008 + 0.0005 * 4 * (k + 1))
+        draft = [(4, 4, slow * 0.004)] * k
+        seconds = target + sum(f[2] for f in draft)
+        policy.observe(StepMeasurement(choice.arm, k, [k] * 4, [min(k, 1)] * 4, 4 * (k + 1), target, seconds - target, draft, seconds))
+        chosen.append(choice.arm if k else "ar")
+    return chosen
+
+
+def test_a_drafting_arm_is_checked_against_plain_as_it_costs_now():
+    """Plain steps last measured in a slow spell made a losing arm look good for the rest of the
+    job. While it drafts, one step in refresh_after is plain; once the spell is over, plain
+    measures faster than drafting and the policy stops drafting."""
+    assert spell_steps(GoodputPolicy(max_k=2, refresh_after=8))[100:].count("ar") >= 95
+    # the negative control: without the refresh, plain stays priced at the slow spell
+    assert spell_steps(GoodputPolicy(max_k=2, refresh_after=10**9))[100:].count("draft") >= 50

@@ -12,14 +12,19 @@ Every decode step reaches the policy as one StepMeasurement. From them the model
     rest[arm]             the rest of a step per row: sampling, emitting, records
     catch_up[arm]         seconds per step of draft forwards over what the draft had not seen (new
                           rows' prompts, steps it sat out): a price of the arm, whatever K
+    admission             seconds per emitted token of prefilling the rows admitted into freed
+                          slots: a row frees its slot after so many tokens, whatever drafted them,
+                          so this is a cost of every token, and a draft step's gain over a plain
+                          step is smaller than their steps alone say
     acceptance[arm]       per-token acceptance: accepted / (accepted + first rejections)
 
-Seconds are low quantiles of recent values (Recent), so stalled steps do not skew them.
+Seconds are means of recent values without stalls (Recent).
 
 and predicts, for an arm not yet run at (B, K):
 
     seconds(arm, B, K) = target(B * (1 + chunk(arm, K))) + K * draft[arm](B) + B * (host[arm] + rest[arm])
-                         + catch_up[arm]          (measured steps: step[arm, B, K] + catch_up[arm])
+                         + catch_up[arm] + admission * tokens(arm, B, K)
+                         (measured steps: step[arm, B, K] + catch_up[arm] + admission * tokens)
     tokens(arm, B, K)  = B * (1 - a^(K+1)) / (1 - a)          a = acceptance[arm]
                          (B x the measured tokens per row of (arm, K)'s steps, once it has run)
     goodput            = tokens / seconds;  plain ("ar", K = 0): B / seconds("ar", B, 0)
@@ -40,11 +45,12 @@ PLAIN = "ar"
 
 
 class Recent:
-    """A low quantile (the 25th percentile) of a key's last `window` values. On a shared machine
-    a step can take several times its cost while another process runs, and such stalls come in
-    bursts: a running mean taken through one would rank keys by when they happened to be
-    measured. Timing noise only ever adds, so a low quantile is the key's own cost (as timeit
-    reports the best of its runs), and one value no longer moves it much."""
+    """The mean of a key's last `window` values, leaving out stalls: values above twice their
+    median. On a shared machine a step can take several times its cost while another process
+    runs; one such value would move a plain mean far. A low quantile instead (as timeit reports
+    the best of its runs) favours whatever varies most: a draft step's cost varies with how far
+    each row drafted and what it caught up on, a plain step's hardly, so a low quantile priced
+    drafting below its average and chose it where it lost."""
 
     window = 8
 
@@ -55,7 +61,8 @@ class Recent:
     def add(self, value: float) -> None:
         self.values = self.values[1 - self.window :] + [value]
         ordered = sorted(self.values)
-        self.value = ordered[(len(ordered) - 1) // 4]
+        kept = [v for v in ordered if v <= 2 * ordered[(len(ordered) - 1) // 2]]
+        self.value = sum(kept) / len(kept)
 
 
 def remember(estimates: dict, key, value: float, capacity: int) -> None:
@@ -135,12 +142,14 @@ class StepMeasurement:
     propose_seconds: float = 0.0  # the proposer's wall time, its model forwards included
     draft_forwards: list[tuple[int, int, float]] = field(default_factory=list)  # (rows, tokens, seconds) of each
     step_seconds: float = 0.0  # the whole step
+    admission_seconds: float = 0.0  # prefilling the rows admitted since the last step, into the slots it freed
 
 
 @dataclass
 class CostModel:
     prior_acceptance: float = 0.6
     acceptance_decay: float = 0.95
+    admission_decay: float = 0.98  # per step; admissions come in bursts: remembered over about 50 steps
     target: LinearCost = field(default_factory=LinearCost)
     step: dict = field(default_factory=dict)  # (arm, batch, K) -> Recent step seconds
     draft: dict = field(default_factory=dict)  # arm -> LinearCost over rows of one draft forward
@@ -150,6 +159,7 @@ class CostModel:
     share: dict = field(default_factory=dict)  # arm -> a draft forward's cost over the target's, declared
     tokens: dict = field(default_factory=dict)  # (arm, K) -> decayed (tokens emitted, rows) of its steps
     _catch_up: dict = field(default_factory=dict)  # arm -> decayed (catch-up seconds, steps)
+    _admission: tuple = (0.0, 0.0)  # decayed (seconds prefilling admitted rows, tokens emitted)
     _accepted: dict = field(default_factory=dict)  # arm -> decayed accepted drafts
     _trials: dict = field(default_factory=dict)  # arm -> decayed accepted drafts + first rejections
 
@@ -177,17 +187,18 @@ class CostModel:
         if arm == PLAIN:
             k = 0
         rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+        admission = self.admission * batch * self.expected_tokens(arm, k)
         if k == 0:
-            return self.step[arm, batch, 0].value if (arm, batch, 0) in self.step else self.target.predict(batch) + rest
+            return admission + (self.step[arm, batch, 0].value if (arm, batch, 0) in self.step else self.target.predict(batch) + rest)
         if (arm, batch, k) in self.step:
-            return self.step[arm, batch, k].value + self.catch_up(arm)
+            return self.step[arm, batch, k].value + self.catch_up(arm) + admission
         chunk = self.chunk.get((arm, k), k)
         if arm in self.draft:
             draft = k * self.draft[arm].predict(batch)
         else:  # not yet measured: its share of a target forward over the same rows
             draft = k * self.share.get(arm, 0.0) * self.target.predict(batch)
         host = self.host[arm].value if arm in self.host else 0.0
-        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + self.catch_up(arm)
+        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + self.catch_up(arm) + admission
 
     def goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
         """Predicted tokens per second of a step of this arm and K over `batch` rows."""
@@ -197,6 +208,7 @@ class CostModel:
         self.target.add(m.target_tokens, m.target_seconds)
         batch = len(m.num_draft)
         arm, k = (m.arm, m.k) if any(m.num_draft) else (PLAIN, 0)
+        self._admit(m.admission_seconds, sum(m.num_accepted) + batch)
         # A draft forward over more than two tokens a row feeds what the draft has not seen: new
         # rows' prompts, steps it sat out. Not a cost of this step's K: charged to the arm apart.
         steady = [(rows, seconds) for rows, tokens, seconds in m.draft_forwards if tokens <= 2 * rows]
@@ -226,6 +238,18 @@ class CostModel:
         rejections = sum(1 for n, a in zip(m.num_draft, m.num_accepted) if n and a < n)
         self._accepted[arm] = d * self._accepted.get(arm, 0.0) + accepted
         self._trials[arm] = d * self._trials.get(arm, 0.0) + accepted + rejections
+
+    def _admit(self, seconds: float, tokens: int) -> None:
+        """The prefill of rows admitted into freed slots: a cost of every token emitted, since a
+        row frees its slot after so many of them, whoever drafted them."""
+        d = self.admission_decay
+        self._admission = (d * self._admission[0] + seconds, d * self._admission[1] + tokens)
+
+    @property
+    def admission(self) -> float:
+        """Seconds of prefill per emitted token, recently."""
+        spent, tokens = self._admission
+        return spent / tokens if tokens else 0.0
 
     def catch_up(self, arm: str) -> float:
         """Seconds per step the arm has spent feeding its draft what it had not seen (recent steps)."""

@@ -10,7 +10,9 @@ measured costs and acceptance of cost_model.CostModel:
 
 and it drafts only where that beats a plain step by `switch_margin`: with low acceptance or a
 large batch (where verifying B * (K + 1) tokens costs nearly K + 1 plain steps) every step is plain,
-with no draft forward at all. One policy serves a single method under `--draft-policy adaptive`
+with no draft forward at all. While it drafts, one step in `refresh_after` is plain, so what plain
+costs is measured now, not in whatever spell of a shared machine it was last seen (a stale plain
+cost from a slow spell kept a losing draft arm running). One policy serves a single method under `--draft-policy adaptive`
 (arms: that method) and `--method auto` (arms: every method that applies).
 
 Exploration is priced, not scheduled. Costs are shared: the target's forward costs the same
@@ -72,6 +74,7 @@ class GoodputPolicy:
     probe_k: int = 2
     switch_margin: float = 0.05  # draft only for a predicted gain above this over a plain step
     hopeful_acceptance: float = 0.9  # an arm sitting out is probed only if it would win at this acceptance
+    refresh_after: int = 32  # drafting steps in a row before a plain step re-measures what plain costs now
     costs: CostModel = field(default_factory=CostModel)
     arms: list[str] = field(default_factory=list)
     _steps: int = 0
@@ -81,6 +84,7 @@ class GoodputPolicy:
     _opening: int = 0  # opening probes that drafted nothing
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
+    _plain_at: int = 0  # the last step that drafted nothing
 
     def bind(self, arms: list[str], chunk=None, share=None) -> None:
         """The proposers it chooses among (the engine's, unless given at construction),
@@ -133,7 +137,11 @@ class GoodputPolicy:
             if hope >= (1 + self.switch_margin) * rate:
                 self._probing = arm
                 return self._ran(Choice(arm, min(self.probe_k, self.max_k)))
-        return self._ran(choice) if not choice.plain else choice
+        if choice.plain:
+            return choice
+        if self._steps - self._plain_at > self.refresh_after:
+            return PLAIN_STEP
+        return self._ran(choice)
 
     def _ran(self, choice: Choice) -> Choice:
         self._last_run[choice.arm] = self._steps
@@ -141,6 +149,8 @@ class GoodputPolicy:
 
     def observe(self, measurement: StepMeasurement) -> None:
         self.costs.observe(measurement)
+        if not any(measurement.num_draft):
+            self._plain_at = self._steps
         if self._opening_probe:
             if any(measurement.num_draft):
                 self._opened = True

@@ -80,6 +80,8 @@ class Engine:
 
     model: the target, in eval mode. eos_token_ids: tokens that end a request. max_batch_size:
     slots decoded together. max_prefill_tokens: cap on padded tokens per prefill forward.
+    admit_wait: how long freed slots wait for company so that their prefills share one forward,
+    in empty slot-steps per slot (scheduler.py); 0 admits at once.
     proposer and policy: speculative decoding (see proposer.py, draft_policy.py); the proposer
     may be an ArmSet of several (auto.py), among which the policy chooses per step. Without them,
     plain autoregressive decoding, which records no per-step rows.
@@ -93,6 +95,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         proposer: Proposer | None = None,
         policy=None,
+        admit_wait: float = 1.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -102,6 +105,7 @@ class Engine:
         self.eos = set(int(t) for t in eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.admit_wait = admit_wait
         self.proposer = ArmSet.of(proposer) if proposer is not None else None
         self.policy = policy
         if policy is not None:
@@ -115,6 +119,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.stats = EngineStats()  # of the last generate() call
         self._sampling: tuple[list[tuple[int, int]], RowSampling] | None = None  # ((slot, request) per row, settings)
+        self._admission_seconds = 0.0  # prefill since the last decode step, for its measurement
 
     @torch.inference_mode()
     def generate(
@@ -134,6 +139,7 @@ class Engine:
         start = time.perf_counter()
         self.stats = EngineStats()
         self._sampling = None
+        self._admission_seconds = 0.0
         keys = self._prefix_keys(requests)
         live: dict[tuple[int, ...], SharedPrefix] = {}
         # Only real tokens are written (padding never is), and drafts never pass a row's limit.
@@ -141,7 +147,7 @@ class Engine:
         # A tree step (lookahead) writes its whole chunk before keeping the accepted part.
         capacity = min(self.max_positions, max(own)) + (self.proposer.scratch_positions if self.proposer else 0)
         num_slots = min(self.max_batch_size, len(requests))
-        scheduler = Scheduler(requests, keys, num_slots, self.max_prefill_tokens)
+        scheduler = Scheduler(requests, keys, num_slots, self.max_prefill_tokens, self.admit_wait)
         cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
         if self.proposer is not None:
             self.proposer.start(num_slots, capacity)
@@ -218,6 +224,7 @@ class Engine:
         sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
         chosen = next_tokens(logits, sampling).tolist()
         elapsed = time.perf_counter() - t0
+        self._admission_seconds += elapsed
         for r, token in zip(rows, chosen):
             r.result.target_steps += 1
             r.result.target_seconds += elapsed
@@ -290,8 +297,10 @@ class Engine:
                     propose_seconds=draft_seconds,
                     draft_forwards=self.proposer.last_forwards if draft is not None else [],
                     step_seconds=time.perf_counter() - step_start,
+                    admission_seconds=self._admission_seconds,
                 )
             )
+        self._admission_seconds = 0.0
         return [r for r in rows if r.done]
 
     def _emit(self, row: _Row, tokens: list[int]) -> int:
