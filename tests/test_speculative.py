@@ -254,7 +254,7 @@ def test_policy_shrinks_k_when_the_batch_is_large():
 
 
 def test_policy_probes_again_after_plain_steps():
-    policy = GoodputPolicy(max_k=6, probe_after=4)
+    policy = GoodputPolicy(max_k=6, probe_after=4, explore_budget=1.0)  # the waits alone
     feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
     choices = [policy.choose(4).k for _ in range(8)]
     assert 0 in choices and max(choices) > 0
@@ -366,3 +366,17 @@ def test_a_drafting_arm_is_checked_against_plain_as_it_costs_now():
     assert spell_steps(GoodputPolicy(max_k=2, refresh_after=8))[100:].count("ar") >= 95
     # the negative control: without the refresh, plain stays priced at the slow spell
     assert spell_steps(GoodputPolicy(max_k=2, refresh_after=10**9))[100:].count("draft") >= 50
+
+
+def test_probes_stay_within_the_exploration_budget():
+    """Probes of an arm that keeps losing take what plain steps would not have: with no budget,
+    one probe and no more; with a small one, a few, their losses within it (plus the one probe
+    that crossed it); with an unbounded one, as many as the waits between probes allow."""
+    budgets = (0.0, 0.005, float("inf"))
+    policies = [GoodputPolicy(max_k=6, probe_after=1, explore_budget=budget) for budget in budgets]
+    for policy in policies:
+        feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003, steps=400)
+    none, small, unbounded = (p.probes for p in policies)
+    assert none == 1 and none < small < unbounded
+    one_probe = 2 * 0.003 + overhead_bound(4 * 3)
+    assert policies[1].explored <= 0.005 * policies[1].elapsed + one_probe

@@ -21,10 +21,12 @@ run is predicted with a prior acceptance and the chunk its proposer declares (lo
 wide), and is tried only where that prediction beats plain. An arm that sits out is probed again,
 with a short draft, only where it would win at a hopeful acceptance; each probe that does not win
 doubles the wait before the next one of that arm (a probe may cost a draft catch-up forward over
-everything it skipped). Until the target's cost is seen at two sizes it drafts the short probe
-length with its first arm, then takes one plain step; where a probe drafts nothing (an n-gram
-lookup with no match) the next arm opens instead, in turn, so a batch of one whose prompt repeats
-nothing still learns what drafting costs.
+everything it skipped). Probes share a budget: what they took beyond what plain steps would have
+taken for the same tokens stays under `explore_budget` of the job's time so far (a probe at batch
+32 that first feeds the draft every row it skipped cost four plain steps). Until the target's
+cost is seen at two sizes it drafts the short probe length with its first arm, then takes one
+plain step; where a probe drafts nothing (an n-gram lookup with no match) the next arm opens
+instead, in turn, so a batch of one whose prompt repeats nothing still learns what drafting costs.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class GoodputPolicy:
     switch_margin: float = 0.05  # draft only for a predicted gain above this over a plain step
     hopeful_acceptance: float = 0.9  # an arm sitting out is probed only if it would win at this acceptance
     refresh_after: int = 32  # drafting steps in a row before a plain step re-measures what plain costs now
+    explore_budget: float = 0.02  # probes may lose at most this share of the time so far against plain steps
     costs: CostModel = field(default_factory=CostModel)
     arms: list[str] = field(default_factory=list)
     _steps: int = 0
@@ -85,6 +88,9 @@ class GoodputPolicy:
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
     _plain_at: int = 0  # the last step that drafted nothing
+    probes: int = 0  # probes of arms sitting out, so far
+    elapsed: float = 0.0  # seconds of every step so far
+    explored: float = 0.0  # seconds probes took beyond what plain steps would have for their tokens
 
     def bind(self, arms: list[str], chunk=None, share=None) -> None:
         """The proposers it chooses among (the engine's, unless given at construction),
@@ -133,9 +139,12 @@ class GoodputPolicy:
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well
             if arm == choice.arm or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
                 continue
+            if self.explored > self.explore_budget * self.elapsed:
+                break
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
             if hope >= (1 + self.switch_margin) * rate:
                 self._probing = arm
+                self.probes += 1
                 return self._ran(Choice(arm, min(self.probe_k, self.max_k)))
         if choice.plain:
             return choice
@@ -148,6 +157,13 @@ class GoodputPolicy:
         return choice
 
     def observe(self, measurement: StepMeasurement) -> None:
+        batch = len(measurement.num_draft)
+        seconds = measurement.step_seconds or measurement.target_seconds + measurement.propose_seconds
+        self.elapsed += seconds
+        if self._probing is not None:  # beyond what plain steps would have taken for its tokens
+            plain = self.costs.goodput(PLAIN, batch, 0)
+            tokens = batch + sum(measurement.num_accepted)
+            self.explored = max(self.explored + seconds - (tokens / plain if plain > 0 else 0.0), 0.0)
         self.costs.observe(measurement)
         if not any(measurement.num_draft):
             self._plain_at = self._steps
@@ -158,7 +174,6 @@ class GoodputPolicy:
                 self._opening += 1
         arm = self._probing
         if arm is not None:  # a probe that would not be chosen now waits twice as long for the next
-            batch = len(measurement.num_draft)
             won = self.best(batch, [arm])[0] >= (1 + self.switch_margin) * self.costs.goodput(PLAIN, batch, 0)
             self._wait[arm] = self.probe_after if won else 2 * self._wait.get(arm, self.probe_after)
 
