@@ -179,6 +179,9 @@ class RoundRobin:
     def observe(self, measurement) -> None:
         pass
 
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        pass
+
 
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_greedy_layerskip_and_auto_equal_plain_decoding(batch_size):
@@ -232,13 +235,14 @@ def test_auto_settles_on_the_arm_with_the_best_goodput():
 
 def test_auto_never_runs_an_arm_predicted_slower_than_plain():
     """Compute-bound verification (a large batch on a CPU): a step of K + 1 tokens per row costs
-    K + 1 plain steps, so no arm can win; after the one opening probe every step is plain, and
-    the wide arm (lookahead's window) is never run at all, even with perfect acceptance."""
+    K + 1 plain steps, so no arm can win; after the first (plain) step and the one opening probe
+    (no prefill showed the target at a second size) every step is plain, and the wide arm
+    (lookahead's window) is never run at all, even with perfect acceptance."""
     linear = lambda tokens: 0.0005 * tokens  # noqa: E731
     arms = {"ngram": (0.5, 0.0), "wide": (0.99, 0.0)}
     chosen = auto_steps(GoodputPolicy(max_k=4), 32, 300, linear, arms)
-    assert chosen[0] == "ngram" and "wide" not in chosen
-    assert chosen[1:].count("ar") >= 295
+    assert chosen[:2] == ["ar", "ngram"] and "wide" not in chosen
+    assert chosen[2:].count("ar") >= 295
     # the negative control: cheap verification, the same arms: drafting wins and is chosen
     flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
     assert auto_steps(GoodputPolicy(max_k=4), 32, 300, flat, arms)[100:].count("ar") < 10
@@ -264,16 +268,17 @@ def opening_steps(policy: GoodputPolicy, steps: int, matches_from: dict, accepta
 
 def test_a_probe_that_drafts_nothing_does_not_end_the_opening():
     """A batch of one whose prompt repeats nothing yet: the n-gram probe drafts nothing and the
-    target is seen at one size only. The opening goes on (probing costs a lookup) until a probe
-    drafts, which shows the target at a second size; then it drafts where that pays."""
+    target is seen at one size only (no prefill reported). After the first, plain, step the
+    opening goes on (probing costs a lookup) until a probe drafts, which shows the target at a
+    second size; then it drafts where that pays."""
     choices = opening_steps(GoodputPolicy(max_k=4), 60, {"ngram": 5}, acceptance=1.0)
-    assert [(c.arm, c.k) for c in choices[:6]] == [("ngram", 2)] * 6
+    assert [(c.arm, c.k) for c in choices[:6]] == [("ar", 0)] + [("ngram", 2)] * 5  # drafts from step 5
     assert sum(not c.plain for c in choices[6:]) >= 50
 
     # auto: an arm that drafts nothing hands the opening to the next one
     choices = opening_steps(GoodputPolicy(max_k=4), 60, {"ngram": 1000, "draft": 0}, acceptance=1.0)
-    assert [c.arm for c in choices[:2]] == ["ngram", "draft"]
-    assert sum(c.arm == "draft" for c in choices[2:]) >= 50
+    assert [c.arm for c in choices[:3]] == ["ar", "ngram", "draft"]
+    assert sum(c.arm == "draft" for c in choices[3:]) >= 50
 
 
 def test_auto_prices_a_draft_model_it_has_not_run_by_its_size():

@@ -283,7 +283,8 @@ def test_the_engine_feeds_the_policy_what_each_step_cost(target, sharp_pair):
     """One StepMeasurement per decode step reaches the cost model: the target's forwards, the
     draft's steady forwards by rows, its catch-up (the draft's prefill of new rows), acceptance."""
     draft = noisy_copy(target, 0.3, seed=2)
-    policy = GoodputPolicy(max_k=3)
+    # priced as free and accepting well, so that it drafts (a copy of the target never would)
+    policy = GoodputPolicy(max_k=3, costs=CostModel(prior_acceptance=0.95, share={"draft": 0.0}))
     seen = []
     observe = policy.observe
     policy.observe = lambda m: (seen.append(m), observe(m))
@@ -292,8 +293,9 @@ def test_the_engine_feeds_the_policy_what_each_step_cost(target, sharp_pair):
     costs = policy.costs
     assert policy.arms == ["draft"] and costs.target.known
     assert costs.measured("draft") and costs.draft["draft"].known  # steady draft forwards, by rows
-    opening = seen[0].draft_forwards  # the first proposal fed every row's prompt to the draft
-    assert any(tokens > 2 * rows for rows, tokens, _ in opening)
+    assert not any(seen[0].num_draft)  # the prefill showed the target at a second size: plain, then predicted
+    first = next(m for m in seen if any(m.num_draft)).draft_forwards  # fed every row's prompt to the draft
+    assert any(tokens > 2 * rows for rows, tokens, _ in first)
     assert any(arm == "draft" and k > 0 for arm, _, k in costs.step) and ("ar", 3, 0) in costs.step
 
 
@@ -327,28 +329,35 @@ def test_recent_costs_are_means_without_stalls():
 
 
 def test_prefill_of_admitted_rows_is_a_cost_of_every_token():
-    """The prefill before a step filled what earlier steps freed: charged per emitted token, it
-    shrinks a draft step's predicted gain over a plain step (rows finish sooner, more prefill)."""
+    """The prefills after the first decode step fill what earlier steps freed: charged per
+    emitted token, they shrink a draft step's predicted gain over a plain step (rows finish
+    sooner, more prefill). The job's first prefill is no one's cost; every prefill shows what the
+    target costs at its size."""
 
-    def gain(admission_seconds: float) -> float:
+    def gain(admission_seconds: float) -> tuple[float, CostModel]:
         costs = CostModel()
+        costs.prefilled(400, 0.05)  # the first admission: every slot
         for _ in range(8):
-            costs.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.008, step_seconds=0.010, admission_seconds=admission_seconds))
-            costs.observe(StepMeasurement("draft", 3, [3] * 4, [3] * 4, 16, 0.012, 0.008, [(4, 4, 0.002)] * 4, 0.024, admission_seconds))
+            costs.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.008, step_seconds=0.010))
+            costs.prefilled(40, admission_seconds)
+            costs.observe(StepMeasurement("draft", 3, [3] * 4, [3] * 4, 16, 0.012, 0.008, [(4, 4, 0.002)] * 4, 0.024))
+            costs.prefilled(40, admission_seconds)
         assert costs.admission == pytest.approx(16 * admission_seconds / (8 * 4 + 8 * 16), rel=0.1)
-        return costs.goodput("draft", 4, 3) / costs.goodput("ar", 4, 0)
+        return costs.goodput("draft", 4, 3) / costs.goodput("ar", 4, 0), costs
 
-    assert gain(0.0) == pytest.approx(16 / 0.024 / (4 / 0.010))
-    assert 1.0 < gain(0.012) < gain(0.0) - 0.2
+    free, costs = gain(0.0)
+    assert free == pytest.approx(16 / 0.024 / (4 / 0.010)) and costs.admission == 0.0
+    assert 400 in costs.target.by_size and costs.target.by_size[400].value == 0.05
+    assert 1.0 < gain(0.012)[0] < free - 0.2
 
 
 def spell_steps(policy: GoodputPolicy, steps: int = 200) -> list[str]:
     """A batch of 4 where drafting gains less than plain steps do, at any speed, on a machine
-    that was three times slower for the one plain step of the opening. Returns each step's arm."""
+    that was three times slower for the first (plain) step. Returns each step's arm."""
     policy.bind(["draft"], share=lambda arm: 0.0)
     chosen = []
     for step in range(steps):
-        slow = 3.0 if step == 1 else 1.0
+        slow = 3.0 if step == 0 else 1.0
         choice = policy.choose(4)
         k = choice.k
         target = slow * (0.008 + 0.0005 * 4 * (k + 1))

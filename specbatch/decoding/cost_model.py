@@ -1,10 +1,12 @@
 """What a decode step costs and yields, learned from the steps the engine runs. Plain Python: no
 tensors, no model. One CostModel serves the draft-length policy and auto's choice of method alike.
 
-Every decode step reaches the policy as one StepMeasurement. From them the model keeps:
+Every decode step reaches the policy as one StepMeasurement, every prefill as its size and
+seconds (`prefilled`). From them the model keeps:
 
     target(tokens)        seconds of a target forward over `tokens` (batch x chunk width), the same
-                          whichever method proposed: a plain step measures it as well as a draft step
+                          whichever method proposed: a plain step measures it as well as a draft step,
+                          and a prefill at a size decode steps rarely reach
     step[arm, B, K]       the measured wall time of whole steps (proposing, the forward, verifying,
                           bookkeeping), where that combination has run
     draft[arm](rows)      seconds of one draft-model forward over `rows` rows (draft, layerskip)
@@ -142,7 +144,6 @@ class StepMeasurement:
     propose_seconds: float = 0.0  # the proposer's wall time, its model forwards included
     draft_forwards: list[tuple[int, int, float]] = field(default_factory=list)  # (rows, tokens, seconds) of each
     step_seconds: float = 0.0  # the whole step
-    admission_seconds: float = 0.0  # prefilling the rows admitted since the last step, into the slots it freed
 
 
 @dataclass
@@ -160,6 +161,7 @@ class CostModel:
     tokens: dict = field(default_factory=dict)  # (arm, K) -> decayed (tokens emitted, rows) of its steps
     _catch_up: dict = field(default_factory=dict)  # arm -> decayed (catch-up seconds, steps)
     _admission: tuple = (0.0, 0.0)  # decayed (seconds prefilling admitted rows, tokens emitted)
+    _decoding: bool = False  # a decode step has run: prefills from now on fill freed slots
     _accepted: dict = field(default_factory=dict)  # arm -> decayed accepted drafts
     _trials: dict = field(default_factory=dict)  # arm -> decayed accepted drafts + first rejections
 
@@ -208,7 +210,7 @@ class CostModel:
         self.target.add(m.target_tokens, m.target_seconds)
         batch = len(m.num_draft)
         arm, k = (m.arm, m.k) if any(m.num_draft) else (PLAIN, 0)
-        self._admit(m.admission_seconds, sum(m.num_accepted) + batch)
+        self._emitted(sum(m.num_accepted) + batch)
         # A draft forward over more than two tokens a row feeds what the draft has not seen: new
         # rows' prompts, steps it sat out. Not a cost of this step's K: charged to the arm apart.
         steady = [(rows, seconds) for rows, tokens, seconds in m.draft_forwards if tokens <= 2 * rows]
@@ -239,11 +241,20 @@ class CostModel:
         self._accepted[arm] = d * self._accepted.get(arm, 0.0) + accepted
         self._trials[arm] = d * self._trials.get(arm, 0.0) + accepted + rejections
 
-    def _admit(self, seconds: float, tokens: int) -> None:
-        """The prefill of rows admitted into freed slots: a cost of every token emitted, since a
-        row frees its slot after so many of them, whoever drafted them."""
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A prefill forward over `tokens` (rows x padded width) took `seconds`. It shows the target's
+        cost at a size decode steps rarely reach, so the first plain step already tells the fixed
+        cost from the per-token one. After the first decode step, prefills fill freed slots: a
+        cost of every emitted token, since a row frees its slot after so many of them, whoever
+        drafted them."""
+        self.target.add(tokens, seconds)
+        if self._decoding:
+            self._admission = (self._admission[0] + seconds, self._admission[1])
+
+    def _emitted(self, tokens: int) -> None:
         d = self.admission_decay
-        self._admission = (d * self._admission[0] + seconds, d * self._admission[1] + tokens)
+        self._admission = (d * self._admission[0], d * self._admission[1] + tokens)
+        self._decoding = True
 
     @property
     def admission(self) -> float:

@@ -23,10 +23,15 @@ with a short draft, only where it would win at a hopeful acceptance; each probe 
 doubles the wait before the next one of that arm (a probe may cost a draft catch-up forward over
 everything it skipped). Probes share a budget: what they took beyond what plain steps would have
 taken for the same tokens stays under `explore_budget` of the job's time so far (a probe at batch
-32 that first feeds the draft every row it skipped cost four plain steps). Until the target's
-cost is seen at two sizes it drafts the short probe length with its first arm, then takes one
+32 that first feeds the draft every row it skipped cost four plain steps).
+
+The first step is plain. The engine reports each prefill forward, which shows the target's cost
+at another size, so the steps after it are predicted. Without one (the target seen at one size: a
+batch of one-token prompts), it drafts the short probe length with its first arm, then takes one
 plain step; where a probe drafts nothing (an n-gram lookup with no match) the next arm opens
-instead, in turn, so a batch of one whose prompt repeats nothing still learns what drafting costs.
+instead, in turn, so a batch of one whose prompt repeats nothing still learns what drafting
+costs. (A drafting opening at batch 32 cost what ten plain steps do: lookahead's window over
+every row, or the draft model's prefill of every prompt.)
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class FixedPolicy:
         return Choice(self.arm, self.k)
 
     def observe(self, measurement: StepMeasurement) -> None:
+        pass
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
         pass
 
 
@@ -125,6 +133,8 @@ class GoodputPolicy:
         self._opening_probe = False
         if not self.arms or self.max_k == 0:
             return PLAIN_STEP
+        if self._steps == 1:
+            return PLAIN_STEP  # what plain costs, measured: every choice is weighed against it
         if not self.costs.target.has_slope:  # the target not yet measured at two sizes
             if self._opened:
                 return PLAIN_STEP  # a probe drafted: a plain step measures the target at a second size
@@ -155,6 +165,10 @@ class GoodputPolicy:
     def _ran(self, choice: Choice) -> Choice:
         self._last_run[choice.arm] = self._steps
         return choice
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A prefill forward ran (see CostModel.prefilled)."""
+        self.costs.prefilled(tokens, seconds)
 
     def observe(self, measurement: StepMeasurement) -> None:
         batch = len(measurement.num_draft)

@@ -34,7 +34,7 @@ from .architecture import decoder_layers
 from .auto import ArmSet
 from .cascade_attention import supports_cascade
 from .cost_model import StepMeasurement
-from .forward import forward_slots, last_logits, pad_right
+from .forward import forward_slots, last_logits, pad_right, prefill_prefixes
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
 from .proposer import Proposer, forward_parameters
@@ -119,7 +119,6 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.stats = EngineStats()  # of the last generate() call
         self._sampling: tuple[list[tuple[int, int]], RowSampling] | None = None  # ((slot, request) per row, settings)
-        self._admission_seconds = 0.0  # prefill since the last decode step, for its measurement
 
     @torch.inference_mode()
     def generate(
@@ -139,7 +138,6 @@ class Engine:
         start = time.perf_counter()
         self.stats = EngineStats()
         self._sampling = None
-        self._admission_seconds = 0.0
         keys = self._prefix_keys(requests)
         live: dict[tuple[int, ...], SharedPrefix] = {}
         # Only real tokens are written (padding never is), and drafts never pass a row's limit.
@@ -216,15 +214,24 @@ class Engine:
         return logits
 
     def _prefill(self, cache: SlotKVCache, rows: list[_Row]) -> None:
-        t0 = time.perf_counter()
         slots = [r.slot for r in rows]
+        # New groups' shared prefixes first, in a forward of their own (the policy sees each
+        # forward's size and cost; forward_slots would otherwise compute them inside the next).
+        new = {id(p): p for p in (cache.prefixes[s] for s in slots) if p is not None and self.model not in p.kv}
+        if new:
+            t0 = time.perf_counter()
+            self._target(lambda: prefill_prefixes(self.model, list(new.values())))
+            if self.policy is not None:
+                self.policy.prefilled(len(new) * max(len(p) for p in new.values()), time.perf_counter() - t0)
+        t0 = time.perf_counter()
         suffixes = [r.request.prompt_ids[cache.offset(r.slot) :] for r in rows]
         logits = self._target(lambda: last_logits(self.model, cache, slots, suffixes))
         self.stats.prefill_tokens += sum(len(p) for p in suffixes)
         sampling = RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device)
         chosen = next_tokens(logits, sampling).tolist()
         elapsed = time.perf_counter() - t0
-        self._admission_seconds += elapsed
+        if self.policy is not None:
+            self.policy.prefilled(len(rows) * max(len(p) for p in suffixes), elapsed)  # padded tokens
         for r, token in zip(rows, chosen):
             r.result.target_steps += 1
             r.result.target_seconds += elapsed
@@ -297,10 +304,8 @@ class Engine:
                     propose_seconds=draft_seconds,
                     draft_forwards=self.proposer.last_forwards if draft is not None else [],
                     step_seconds=time.perf_counter() - step_start,
-                    admission_seconds=self._admission_seconds,
                 )
             )
-        self._admission_seconds = 0.0
         return [r for r in rows if r.done]
 
     def _emit(self, row: _Row, tokens: list[int]) -> int:
