@@ -301,7 +301,7 @@ def cmd_bench(args) -> None:
         Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads
     ).to_pylist()
     to_hf, to_ar = ratios(table, "hf-generate-batch"), ratios(table, "specbatch-ar")
-    columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "identical", "MFU"]
+    columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "paired x ar", "identical", "MFU"]
     columns += ["seconds", "accepted", "steps by arm"]
     rows = [
         (
@@ -311,6 +311,7 @@ def cmd_bench(args) -> None:
             round(r["tokens_per_s"], 1),
             to_hf[i],
             to_ar[i],
+            r["paired_x_ar"],
             r["identical_to_reference"],
             f"{r['mfu']:.2%}",
             round(r["seconds"], 2),

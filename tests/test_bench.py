@@ -71,7 +71,7 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
             assert r["identical_to_reference"] is None
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "x hf-generate-batch" in printed and "x specbatch-ar" in printed
+    assert "x hf-generate-batch" in printed and "x specbatch-ar" in printed and "paired x ar" in printed
     to_ar = runner.ratios(rows, "specbatch-ar")
     for r, ratio in zip(rows, to_ar):
         if r["system"] == "specbatch-ar":
@@ -113,6 +113,7 @@ def test_bench_runs_the_systems_asked_for_and_keeps_the_fastest_of_repeats(tmp_p
     assert [n for n, _ in runs[:4]] == ["hf-generate", "specbatch-auto"] * 2  # alternated
     for r, (a, b) in zip(table, [runs[0:3:2], runs[1:4:2], runs[4:7:2], runs[5:8:2]]):
         assert r["system"] == a[0] and r["seconds"] == min(a[1], b[1])
+        assert r["paired_x_ar"] is None  # specbatch-ar did not run
     assert all(r["identical_to_reference"] for r in table if r["workload"] == "shared-prefix")
     with pytest.raises(ValueError, match="unknown bench systems"):
         runner.check_systems(["specbatch-nope"])
@@ -127,6 +128,15 @@ def test_bench_runs_the_workloads_asked_for(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown bench workloads"):
         runner.check_workloads(["shared"])
     assert main(["bench", "--out", str(tmp_path), "--workloads", "shared"]) == 2  # before any model loads
+
+
+def test_the_paired_ratio_is_the_median_of_each_rounds_ratio():
+    """A slow spell that lasts a round slows both systems of that round: their ratio holds."""
+    times = {"specbatch-ar": [1.0, 3.0, 1.1], "specbatch-auto": [1.25, 3.0, 1.0], "hf-generate": [1.0]}
+    assert runner.paired_ratio(times, "specbatch-auto") == 1.0  # rounds: 0.8, 1.0, 1.1
+    assert runner.paired_ratio(times, "specbatch-ar") == 1.0
+    assert runner.paired_ratio(times, "hf-generate") is None  # not every round
+    assert runner.paired_ratio({"specbatch-auto": [1.0]}, "specbatch-auto") is None
 
 
 def test_ratios_leave_a_cell_without_output_empty():

@@ -13,6 +13,7 @@ every system, whatever it recomputes.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import threading
 import time
@@ -46,6 +47,8 @@ SCHEMA = pa.schema(
         ("peak_memory_bytes", pa.int64()),  # peak RSS growth (CPU) or peak allocated (GPU) during the run
         ("mfu", pa.float64()),
         ("bandwidth_bound_tokens_per_s", pa.float64()),  # GPU: batch x bandwidth / weight bytes; null on CPU
+        # median over the alternated rounds of specbatch-ar's seconds / this system's in the same round
+        ("paired_x_ar", pa.float64()),
         ("model", pa.string()),
         ("device", pa.string()),
     ]
@@ -177,7 +180,9 @@ def run_bench(
     """systems: names from SYSTEMS (and specbatch-pipeline) to run; None: all of them. workloads:
     names from make_workloads; None: all of them. repeat:
     runs of each system per cell, alternated; the fastest is recorded (as timeit does: on a
-    shared machine noise only ever adds time)."""
+    shared machine noise only ever adds time), and beside it the paired ratio to specbatch-ar:
+    the median over rounds of the two systems' times within a round, seconds apart, so a slow
+    spell that lasts a round hits both sides of each ratio."""
     from transformers import AutoTokenizer
 
     wanted = set(check_systems(systems))
@@ -199,7 +204,7 @@ def run_bench(
     )
     rows = []
 
-    def record(system, method, w: Workload, batch, m: Measurement, memory: int, reference):
+    def record(system, method, w: Workload, batch, m: Measurement, memory: int, reference, paired=None):
         out_tokens = sum(len(o) for o in m.outputs)
         identical = None if not w.greedy or reference is None else m.outputs == reference
         rows.append(
@@ -221,6 +226,7 @@ def run_bench(
                 peak_memory_bytes=memory,
                 mfu=2 * non_embedding * (w.prompt_tokens + out_tokens) / m.seconds / peak,
                 bandwidth_bound_tokens_per_s=batch * bandwidth / weight_bytes if bandwidth else None,
+                paired_x_ar=paired,
                 model=model,
                 device=device,
             )
@@ -237,18 +243,20 @@ def run_bench(
             continue
         for batch in batch_sizes:
             best: dict[str, tuple[Measurement, int]] = {}
+            times: dict[str, list[float]] = {}  # per system, its seconds in each round
             for _ in range(repeat):  # the systems alternate, so a slow spell of the machine hits them alike
                 for system, _method, run, only_batch in SYSTEMS:
                     if system not in wanted or (only_batch is not None and batch != batch_sizes[0]):
                         continue  # batch-size-1 systems run once per workload
                     with PeakMemory(device) as memory:
                         m = run(models, w, only_batch or batch)
+                    times.setdefault(system, []).append(m.seconds)
                     if system not in best or m.seconds < best[system][0].seconds:
                         best[system] = (m, memory.peak)
             reference = best["hf-generate"][0].outputs if "hf-generate" in best else None
             for system, method, _, only_batch in SYSTEMS:
                 if system in best:
-                    record(system, method, w, only_batch or batch, *best[system], reference)
+                    record(system, method, w, only_batch or batch, *best[system], reference, paired_ratio(times, system))
             if w.name == "shared-prefix" and batch == batch_sizes[-1] and model == "demo" and "specbatch-pipeline" in wanted:
                 with PeakMemory(device) as memory:
                     result = pipeline_row(w, tokenizer, batch)
@@ -259,6 +267,15 @@ def run_bench(
     write_parquet(table, out_dir / "bench.parquet")
     plot(table, out_dir / "bench.png")
     return table
+
+
+def paired_ratio(times: dict[str, list[float]], system: str, base: str = "specbatch-ar") -> float | None:
+    """The median over rounds of base's seconds over system's in the same round; None where
+    either did not run each round or a run took no time."""
+    a, b = times.get(base, []), times.get(system, [])
+    if not a or len(a) != len(b) or min(b) <= 0:
+        return None
+    return round(statistics.median(x / y for x, y in zip(a, b)), 2)
 
 
 def ratios(rows: list[dict], system: str) -> list[float | None]:
