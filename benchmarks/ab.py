@@ -12,13 +12,13 @@ and its decode steps by arm. Demo models, CPU, fp32, the bench's prompts.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from transformers import AutoTokenizer
 
 from specbatch.bench import systems
 from specbatch.bench.models import load_pair
+from specbatch.bench.runner import paired_ratio
 from specbatch.bench.workloads import WORKLOADS, make_workloads
 from specbatch.decoding import engine
 from specbatch.workers.models import DEMO_MODELS
@@ -59,7 +59,7 @@ def main() -> None:
             arms[spec] = m.arms
     first = times[args.systems[0]]
     for spec in args.systems:
-        paired = statistics.median(a / b for a, b in zip(first, times[spec]))
+        paired = paired_ratio(times, spec, base=args.systems[0])
         print(
             f"{args.workload} b{args.batch} {spec:34} fastest {min(times[spec]):.3f}s  x first {min(first) / min(times[spec]):.2f}"
             f"  paired {paired:.2f}  runs {[round(t, 2) for t in times[spec]]}  {arms[spec] or ''}"

@@ -12,8 +12,9 @@ and it drafts only where that beats a plain step by `switch_margin`: with low ac
 large batch (where verifying B * (K + 1) tokens costs nearly K + 1 plain steps) every step is plain,
 with no draft forward at all. While it drafts, one step in `refresh_after` is plain, so what plain
 costs is measured now, not in whatever spell of a shared machine it was last seen (a stale plain
-cost from a slow spell kept a losing draft arm running). One policy serves a single method under `--draft-policy adaptive`
-(arms: that method) and `--method auto` (arms: every method that applies).
+cost from a slow spell kept a losing draft arm running). One policy serves a single method under
+`--draft-policy adaptive` (arms: that method) and `--method auto` (arms: every method that
+applies).
 
 Exploration is priced, not scheduled. Costs are shared: the target's forward costs the same
 whoever proposed, so a plain step teaches what a draft step's verification will cost. An arm never
