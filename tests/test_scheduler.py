@@ -79,6 +79,12 @@ def test_freed_slots_wait_for_company_before_a_prefill():
     assert len(s.admit()) == 2  # the last two waiting requests: nothing to wait for
     assert not s.waiting
 
+    # Waiting wastes time, not steps: a slot-step of a step that costs three plain ones counts three.
+    costly = Scheduler(requests([3] * 8), [None] * 8, num_slots=4, max_prefill_tokens=100, admit_wait=1.0)
+    costly.admit(), costly.finish(0)
+    assert costly.admit(step_cost=3.0) == []  # 3 <= 4
+    assert [a.index for a in costly.admit(step_cost=3.0)] == [4]  # 3 + 3 > 4: after one step, not four
+
     at_once = Scheduler(requests([3] * 6), [None] * 6, num_slots=4, max_prefill_tokens=100)
     at_once.admit(), at_once.finish(2)
     assert [a.index for a in at_once.admit()] == [4]  # the default: no waiting

@@ -377,6 +377,37 @@ def test_a_drafting_arm_is_checked_against_plain_as_it_costs_now():
     assert spell_steps(GoodputPolicy(max_k=2, refresh_after=10**9))[100:].count("draft") >= 50
 
 
+def close_call_steps(policy: GoodputPolicy, steps: int = 60) -> list[str]:
+    """A batch of 4 where a draft step yields 7 tokens in 19.5 ms (359 tok/s) and a plain step 4 in
+    10 ms (400 tok/s), but the first plain step took 13.5 ms (296 tok/s): drafting looks about
+    20% better and loses 10%. Returns each step's arm."""
+    policy.bind(["draft"], share=lambda arm: 0.0)
+    chosen = []
+    for step in range(steps):
+        choice = policy.choose(4)
+        if choice.k:
+            m = StepMeasurement("draft", 1, [1] * 4, [1, 1, 1, 0], 8, 0.0125, 0.007, [(4, 4, 0.007)], 0.0195)
+        else:
+            seconds = 0.010 * (1.35 if step == 0 else 1.0)
+            m = StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, seconds, step_seconds=seconds)
+        policy.observe(m)
+        chosen.append(choice.arm if choice.k else "ar")
+    return chosen
+
+
+def test_a_close_call_is_checked_against_plain_sooner():
+    """The smaller a drafting arm's predicted gain, the more often plain is re-measured at that
+    batch size (a refresh costs about gain / (1 + gain) of a step: one in gain / refresh_cost
+    steps costs under refresh_cost): a gain that was only a stale, slow plain step is found out
+    within the job's first steps. The negative control re-measures every refresh_after steps and
+    drafts on at a loss."""
+    policy = GoodputPolicy(max_k=1)
+    assert policy.refresh_interval(0.0) == 4 and policy.refresh_interval(0.1) == 10
+    assert policy.refresh_interval(1.0) == policy.refresh_after
+    assert close_call_steps(policy)[30:].count("ar") == 30
+    assert close_call_steps(GoodputPolicy(max_k=1, refresh_cost=1e-9))[30:].count("draft") >= 25
+
+
 def test_probes_stay_within_the_exploration_budget():
     """Probes of an arm that keeps losing take what plain steps would not have: with no budget,
     one probe and no more; with a small one, a few, their losses within it (plus the one probe

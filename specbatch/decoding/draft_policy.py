@@ -10,9 +10,10 @@ measured costs and acceptance of cost_model.CostModel:
 
 and it drafts only where that beats a plain step by `switch_margin`: with low acceptance or a
 large batch (where verifying B * (K + 1) tokens costs nearly K + 1 plain steps) every step is plain,
-with no draft forward at all. While it drafts, one step in `refresh_after` is plain, so what plain
-costs is measured now, not in whatever spell of a shared machine it was last seen (a stale plain
-cost from a slow spell kept a losing draft arm running). One policy serves a single method under
+with no draft forward at all. While it drafts, some steps are plain, so what plain costs at this
+batch size is measured now, not in whatever spell of a shared machine it was last seen (a stale
+plain cost from a slow spell kept a losing draft arm running): the closer the call, the more often
+(refresh_interval). One policy serves a single method under
 `--draft-policy adaptive` (arms: that method) and `--method auto` (arms: every method that
 applies).
 
@@ -85,7 +86,8 @@ class GoodputPolicy:
     probe_k: int = 2
     switch_margin: float = 0.05  # draft only for a predicted gain above this over a plain step
     hopeful_acceptance: float = 0.9  # an arm sitting out is probed only if it would win at this acceptance
-    refresh_after: int = 32  # drafting steps in a row before a plain step re-measures what plain costs now
+    refresh_after: int = 32  # at most this many drafting steps at a batch size before a plain step re-measures plain
+    refresh_cost: float = 0.01  # re-measuring plain may cost this share of a drafting arm's predicted time
     explore_budget: float = 0.02  # probes may lose at most this share of the time so far against plain steps
     costs: CostModel = field(default_factory=CostModel)
     arms: list[str] = field(default_factory=list)
@@ -96,7 +98,7 @@ class GoodputPolicy:
     _opening: int = 0  # opening probes that drafted nothing
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
-    _plain_at: int = 0  # the last step that drafted nothing
+    _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
     probes: int = 0  # probes of arms sitting out, so far
     elapsed: float = 0.0  # seconds of every step so far
     explored: float = 0.0  # seconds probes took beyond what plain steps would have for their tokens
@@ -159,9 +161,18 @@ class GoodputPolicy:
                 return self._ran(Choice(arm, min(self.probe_k, self.max_k)))
         if choice.plain:
             return choice
-        if self._steps - self._plain_at > self.refresh_after:
+        if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
         return self._ran(choice)
+
+    def refresh_interval(self, gain: float) -> int:
+        """Drafting steps at one batch size between plain steps that re-measure plain there, for an
+        arm predicted to gain `gain` (0.1: 10% more tokens per second). A plain step instead of
+        such a draft step loses about gain / (1 + gain) of a step: one every gain / refresh_cost
+        steps costs under refresh_cost. A close call is checked often (its plain estimate, one
+        noisy step from long ago, may be all that makes drafting look better), a clear win
+        seldom."""
+        return min(max(int(gain / self.refresh_cost), 4), self.refresh_after)
 
     def _ran(self, choice: Choice) -> Choice:
         self._last_run[choice.arm] = self._steps
@@ -181,7 +192,7 @@ class GoodputPolicy:
             self.explored = max(self.explored + seconds - (tokens / plain if plain > 0 else 0.0), 0.0)
         self.costs.observe(measurement)
         if not any(measurement.num_draft):
-            self._plain_at = self._steps
+            self._plain_at[batch] = self._steps
         if self._opening_probe:
             if any(measurement.num_draft):
                 self._opened = True

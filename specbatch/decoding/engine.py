@@ -119,6 +119,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.stats = EngineStats()  # of the last generate() call
         self._sampling: tuple[list[tuple[int, int]], RowSampling] | None = None  # ((slot, request) per row, settings)
+        self._step_cost = (0.0, 0.0)  # seconds of the last decode step, and a plain step's recently
 
     @torch.inference_mode()
     def generate(
@@ -167,9 +168,11 @@ class Engine:
             if on_result is not None:
                 on_result(row.result)
 
+        self._step_cost = (0.0, 0.0)
         while scheduler.has_work:
             admitted: list[_Row] = []
-            for a in scheduler.admit():
+            last, plain = self._step_cost
+            for a in scheduler.admit(last / plain if last and plain else 1.0):
                 req = a.request
                 result = GenerationResult(req.request_id, req.sample_index, len(req.prompt_ids), [], "length")
                 result.queue_seconds = time.perf_counter() - start
@@ -291,6 +294,11 @@ class Engine:
             emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
             if self.proposer is not None:
                 r.result.steps.append(StepRecord(len(r.result.steps), k, num_draft[b], accepted, emitted, source))
+        seconds = time.perf_counter() - step_start
+        plain = self._step_cost[1]
+        if not any(num_draft):  # what a plain step costs now, for the scheduler's weighing of empty slots
+            plain = seconds if not plain else 0.8 * plain + 0.2 * seconds
+        self._step_cost = (seconds, plain)
         if self.proposer is not None:
             self.proposer.accepted(slots, seq_lens, verdict.num_accepted, logits)
             self.policy.observe(

@@ -10,7 +10,8 @@ prefix is freed when the group's last member finishes.
 
 Prefills are gathered: while other rows decode, freed slots wait for company until they have
 stood empty for `admit_wait` x num_slots slot-steps in all (one free slot waits num_slots steps,
-four wait a quarter of that), or every waiting request can go (vLLM's scheduler_delay_factor
+four wait a quarter of that; a slot-step of a draft step that costs three plain ones counts three
+times: what waiting wastes is time), or every waiting request can go (vLLM's scheduler_delay_factor
 answers the same problem). A prefill forward of one row costs about what one of eight does, and
 rows that finish apart (speculative decoding accepts a different number of tokens per row; so do
 rows that stop at EOS) would otherwise take a forward each: at batch 8 on the CPU that was a
@@ -63,11 +64,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.active)
 
-    def admit(self) -> list[Admission]:
+    def admit(self, step_cost: float = 1.0) -> list[Admission]:
         """Waiting requests for the free slots, as many as the prefill budget takes; none yet
-        while rows decode, some must wait, and the free slots have not yet stood empty long."""
-        if self.active and len(self.free) < len(self.waiting) and self.idle + len(self.free) <= self.patience:
-            self.idle += len(self.free)
+        while rows decode, some must wait, and the free slots have not yet stood empty long.
+        step_cost: what a decode step now costs in plain steps (a draft step costs several);
+        each empty slot wastes that much of a slot-step while it waits."""
+        wasted = len(self.free) * step_cost
+        if self.active and len(self.free) < len(self.waiting) and self.idle + wasted <= self.patience:
+            self.idle += wasted
             return []
         self.idle = 0
         admitted: list[Admission] = []
