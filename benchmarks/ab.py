@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from specbatch.bench import systems
 from specbatch.bench.models import load_pair
-from specbatch.bench.runner import paired_ratio
+from specbatch.bench.runner import paired_ratio, round_order
 from specbatch.bench.workloads import WORKLOADS, make_workloads
 from specbatch.decoding import engine
 from specbatch.workers.models import DEMO_MODELS
@@ -37,14 +37,16 @@ def main() -> None:
     models = systems.Models(target, draft, tokenizer.eos_token_id, "cpu")
     workload = {w.name: w for w in make_workloads(tokenizer, quick=False)}[args.workload]
     runs = {name: fn for name, _, fn, _ in systems.SYSTEMS}
+    if len(set(args.systems)) < len(args.systems):
+        parser.error("a system is named twice; to run one twice, give it as SYSTEM:1.0 as well")
     for spec in args.systems:
         if spec.partition(":")[0] not in runs:
             parser.error(f"unknown system {spec!r}; known: {', '.join(runs)}")
     real_init = engine.Engine.__init__
     times: dict[str, list[float]] = {spec: [] for spec in args.systems}
     arms: dict[str, str | None] = {}
-    for _ in range(args.repeat):
-        for spec in args.systems:
+    for round_index in range(args.repeat):
+        for spec in round_order(args.systems, round_index):
             name, _, wait = spec.partition(":")
 
             def init(self, *a, _wait=wait, **k):

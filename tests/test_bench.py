@@ -152,3 +152,13 @@ def test_bench_prompts_are_bundled_not_read_from_the_running_python():
 
     texts = held_out_sources()
     assert SOURCES.is_file() and len(texts) == 26 and all(4000 < len(t) <= 12000 for t in texts)
+
+
+def test_rounds_alternate_direction():
+    """A machine that drifts slower through a round favours whatever runs first; forward then
+    backward rounds put each system early and late alike."""
+    systems = ["a", "b", "c"]
+    orders = [runner.round_order(systems, i) for i in range(4)]
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"], ["c", "b", "a"]]
+    mean_position = {s: sum(o.index(s) for o in orders) / len(orders) for s in systems}
+    assert len(set(mean_position.values())) == 1

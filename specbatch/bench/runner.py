@@ -244,8 +244,8 @@ def run_bench(
         for batch in batch_sizes:
             best: dict[str, tuple[Measurement, int]] = {}
             times: dict[str, list[float]] = {}  # per system, its seconds in each round
-            for _ in range(repeat):  # the systems alternate, so a slow spell of the machine hits them alike
-                for system, _method, run, only_batch in SYSTEMS:
+            for round_index in range(repeat):  # the systems alternate, so a slow spell of the machine hits them alike
+                for system, _method, run, only_batch in round_order(SYSTEMS, round_index):
                     if system not in wanted or (only_batch is not None and batch != batch_sizes[0]):
                         continue  # batch-size-1 systems run once per workload
                     with PeakMemory(device) as memory:
@@ -267,6 +267,13 @@ def run_bench(
     write_parquet(table, out_dir / "bench.parquet")
     plot(table, out_dir / "bench.png")
     return table
+
+
+def round_order(systems: list, round_index: int) -> list:
+    """Rounds run the systems forward, then backward (A B C, C B A, ...): this machine drifts by
+    20-30% over a few minutes (one system alone, 14 runs in a row: 1.28 s to 1.74 s), so a fixed
+    order makes the systems late in a round slower than those early in it."""
+    return systems if round_index % 2 == 0 else systems[::-1]
 
 
 def paired_ratio(times: dict[str, list[float]], system: str, base: str = "specbatch-ar") -> float | None:
