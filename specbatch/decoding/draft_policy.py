@@ -150,39 +150,44 @@ class GoodputPolicy:
             # Draft a little to learn the costs. A probe can draft nothing (an n-gram lookup that
             # finds no match; a batch of one never changes size): then the next arm opens.
             self._opening_probe = True
-            self._probing = self.arms[self._opening % len(self.arms)]  # exploration, as any probe
-            self.probes += 1
-            return self._ran(Choice(self.arms[self._opening % len(self.arms)], min(self.probe_k, self.max_k)))
+            return self._probe(self.arms[self._opening % len(self.arms)], self.max_k)
         plain = self.costs.goodput(PLAIN, batch_size, 0)
-        rate, choice = self.best(batch_size, self.arms)
-        if rate < (1 + self.switch_margin) * plain:
-            rate, choice = plain, PLAIN_STEP
+        rate, choice = self._best_or_plain(batch_size, self.arms, plain)
         if not choice.plain and not self.costs.measured(choice.arm):
             # Never run: its predicted gain rests on the prior acceptance. Trying it is exploration,
             # a short probe within the budget, like any probe (an n-gram arm's first try on sampled
             # text yielded a third of its prediction).
-            if self.explored <= self.explore_budget * self.elapsed:
-                self._probing = choice.arm
-                self.probes += 1
-                return self._ran(Choice(choice.arm, min(self.probe_k, choice.k)))
-            rate, choice = self.best(batch_size, [a for a in self.arms if self.costs.measured(a)])
-            if rate < (1 + self.switch_margin) * plain:
-                rate, choice = plain, PLAIN_STEP
+            if self._within_budget:
+                return self._probe(choice.arm, choice.k)
+            rate, choice = self._best_or_plain(batch_size, [a for a in self.arms if self.costs.measured(a)], plain)
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well
             if arm == choice.arm or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
                 continue
-            if self.explored > self.explore_budget * self.elapsed:
+            if not self._within_budget:
                 break
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
             if hope >= (1 + self.switch_margin) * rate:
-                self._probing = arm
-                self.probes += 1
-                return self._ran(Choice(arm, min(self.probe_k, self.max_k)))
+                return self._probe(arm, self.max_k)
         if choice.plain:
             return choice
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
         return self._ran(choice)
+
+    def _best_or_plain(self, batch_size: int, arms: list[str], plain: float) -> tuple[float, Choice]:
+        """The best drafting step among arms where it beats plain goodput by the margin, else plain."""
+        rate, choice = self.best(batch_size, arms)
+        return (rate, choice) if rate >= (1 + self.switch_margin) * plain else (plain, PLAIN_STEP)
+
+    @property
+    def _within_budget(self) -> bool:
+        return self.explored <= self.explore_budget * self.elapsed
+
+    def _probe(self, arm: str, k: int) -> Choice:
+        """A short draft of an arm to learn what it yields: exploration, charged to the budget."""
+        self._probing = arm
+        self.probes += 1
+        return self._ran(Choice(arm, min(self.probe_k, k)))
 
     def refresh_interval(self, gain: float) -> int:
         """Drafting steps at one batch size between plain steps that re-measure plain there, for an
