@@ -171,7 +171,7 @@ class RoundRobin:
     def bind(self, arms, chunk=None, share=None) -> None:
         self.arms = ["ar", *arms]
 
-    def choose(self, batch_size: int) -> Choice:
+    def choose(self, batch_size: int, view=None) -> Choice:
         self.steps += 1
         arm = self.arms[self.steps % len(self.arms)]
         return Choice(arm, 0 if arm == "ar" else self.k)

@@ -90,3 +90,42 @@ def test_freed_slots_wait_for_company_before_a_prefill():
     assert [a.index for a in at_once.admit()] == [4]  # the default: no waiting
     with pytest.raises(ValueError, match="admit_wait"):
         Scheduler(requests([3]), [None], num_slots=1, max_prefill_tokens=100, admit_wait=-1)
+
+
+def test_the_cost_of_rows_finishing_apart_while_they_still_finish_together():
+    """One cohort (rows admitted in one prefill) of one token limit, with requests waiting: plain
+    steps end it in one step and refill it in one prefill; made to finish apart, the job pays
+    about (1 + a) / sqrt(2 a L) of its time from then on (a: admit_wait, L: the token limit), at
+    most a prefill per row (B / L). Nothing to lose once the rows are apart, nothing waits, or the
+    limits differ."""
+    def job(n: int, limit: int, admit_wait: float = 1.0, slots: int = 8) -> Scheduler:
+        reqs = [GenerationRequest(str(i), [1, 2, 3], limit) for i in range(n)]
+        return Scheduler(reqs, [None] * n, num_slots=slots, max_prefill_tokens=1000, admit_wait=admit_wait)
+
+    s = job(24, 32)
+    assert s.desync_cost() == 0.0  # nothing decodes yet
+    s.admit()
+    assert s.desync_cost() == pytest.approx(2 / 8)  # (1 + 1) / sqrt(2 * 32)
+    long = job(96, 128, slots=32)
+    long.admit()
+    assert long.desync_cost() == pytest.approx(2 / 16)  # long rows: refills are rarer
+    few = job(24, 128)
+    few.admit()
+    assert few.desync_cost() == pytest.approx(8 / 128)  # 8 rows: at most 8 prefills a wave
+    eager = job(24, 32, admit_wait=0.0)
+    eager.admit()
+    assert eager.desync_cost() == pytest.approx(8 / 32)  # a prefill for every row
+    s.finish(3)
+    waited = 0
+    while not s.admit():  # one free slot waits 8 slot-steps, then goes alone
+        waited += 1
+    assert waited == 8
+    assert len(set(s.cohort.values())) == 2 and s.desync_cost() == 0.0  # already apart
+    last = job(8, 32)
+    last.admit()
+    assert last.desync_cost() == 0.0  # nothing waits: the job's end, no refill to split
+    mixed = Scheduler(
+        [GenerationRequest(str(i), [1, 2, 3], 16 + 16 * (i % 2)) for i in range(12)], [None] * 12, 4, 1000, 1.0
+    )
+    mixed.admit()
+    assert mixed.desync_cost() == 0.0  # limits differ: they finish apart anyway

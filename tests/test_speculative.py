@@ -13,7 +13,7 @@ import torch
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import verifier as verifier_module
 from specbatch.decoding.cost_model import CostModel, Recent, StepMeasurement
-from specbatch.decoding.draft_policy import Choice, FixedPolicy, GoodputPolicy
+from specbatch.decoding.draft_policy import BatchView, Choice, FixedPolicy, GoodputPolicy
 from specbatch.decoding.proposer import DraftModelProposer
 from specbatch.decoding.sampling import RowSampling, probs_from_logits
 from specbatch.decoding.verifier import acceptance_probability, residual_distribution
@@ -335,7 +335,7 @@ def test_prefill_of_admitted_rows_is_a_cost_of_every_token():
     target costs at its size."""
 
     def gain(admission_seconds: float) -> tuple[float, CostModel]:
-        costs = CostModel()
+        costs = CostModel(calibrated=False)  # the admission term alone
         costs.prefilled(400, 0.05)  # the first admission: every slot
         for _ in range(8):
             costs.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.008, step_seconds=0.010))
@@ -401,11 +401,11 @@ def test_a_close_call_is_checked_against_plain_sooner():
     steps costs under refresh_cost): a gain that was only a stale, slow plain step is found out
     sooner. The negative control re-measures only every refresh_after steps and drafts at a loss
     for longer."""
-    policy = GoodputPolicy(max_k=1)
+    policy = GoodputPolicy(max_k=1, costs=CostModel(calibrated=False))  # the refresh alone (calibration finds it out too)
     assert policy.refresh_interval(0.0) == 4 and policy.refresh_interval(0.1) == 10
     assert policy.refresh_interval(1.0) == policy.refresh_after
     sooner = close_call_steps(policy)
-    later = close_call_steps(GoodputPolicy(max_k=1, refresh_cost=1e-9))
+    later = close_call_steps(GoodputPolicy(max_k=1, refresh_cost=1e-9, costs=CostModel(calibrated=False)))
     assert sooner.count("draft") <= 22 and later.count("draft") >= policy.refresh_after
     assert sooner[40:] == later[40:] == ["ar"] * 20  # both find it out in the end
 
@@ -447,3 +447,82 @@ def test_probes_stay_within_the_exploration_budget():
     assert none == 1 and none < small < unbounded
     one_probe = 2 * 0.003 + overhead_bound(4 * 3)
     assert policies[1].explored <= 0.005 * policies[1].elapsed + one_probe
+
+
+def mispredicted_steps(policy: GoodputPolicy, steps: int = 100) -> list[int]:
+    """A model-free arm at batch 4 whose every step costs 1.4x what the target's line (a plain
+    step, a 400-token prefill) predicts, at any K: each K not yet run looks 20-35% better than
+    plain, and each loses 3-15%. Returns each step's K."""
+    policy.bind(["lookup"], chunk=lambda arm, k: k, share=lambda arm: 0.0)
+    policy.prefilled(400, 0.050)
+    chosen = []
+    for _ in range(steps):
+        k = policy.choose(4).k
+        seconds = 1.4 * (0.0099 + 0.0004 * (k + 1)) if k else 0.010
+        accepted = [min(k, 1), 0, 0, min(k, 1)]
+        policy.observe(StepMeasurement("lookup" if k else "ar", k, [k] * 4, accepted, 4 * (k + 1), seconds, step_seconds=seconds))
+        chosen.append(k)
+    return chosen
+
+
+def test_a_miss_every_k_shares_is_learned_once():
+    """Calibration: predictions are divided by the arm's recent bias (seconds taken over seconds
+    predicted for the tokens emitted), so a miss the parts do not show, measured at one K, is
+    expected at the others. Without it (the negative control) each K is tried, and lost, in turn."""
+    calibrated = [k for k in mispredicted_steps(GoodputPolicy(max_k=6)) if k]
+    uncalibrated = [k for k in mispredicted_steps(GoodputPolicy(max_k=6, costs=CostModel(calibrated=False))) if k]
+    assert len(calibrated) <= 3 and len(set(uncalibrated)) == 6
+    costs = CostModel()
+    costs.prefilled(400, 0.050)
+    costs.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.010, step_seconds=0.010))
+    took = 1.4 * 12 / costs._goodput("lookup", 4, 2)  # 1.4x what was predicted for the 12 tokens it emits
+    costs.observe(StepMeasurement("lookup", 2, [2] * 4, [2] * 4, 12, took, step_seconds=took))
+    assert costs.bias("lookup") == pytest.approx((1.4 + 2) / 3)  # drawn toward 1 by a prior of two steps
+    assert costs.goodput("lookup", 4, 5) == pytest.approx(costs._goodput("lookup", 4, 5) / costs.bias("lookup"))
+    assert costs.bias("ar") == 1.0  # the first plain step had nothing to check it against
+
+
+def lockstep_steps(view: BatchView | None, steps: int = 60) -> list[int]:
+    """A model-free arm at batch 8 that gains 30% over plain steps: 2 tokens a row in 15.4 ms,
+    against 1 in 10 ms. Returns each step's K."""
+    policy = GoodputPolicy(max_k=1)
+    policy.bind(["lookup"], chunk=lambda arm, k: k, share=lambda arm: 0.0)
+    policy.prefilled(800, 0.090)
+    chosen = []
+    for _ in range(steps):
+        k = policy.choose(8, view).k
+        seconds = 0.0154 if k else 0.010
+        policy.observe(StepMeasurement("lookup" if k else "ar", k, [k] * 8, [k] * 8, 8 * (k + 1), seconds, step_seconds=seconds))
+        chosen.append(k)
+    return chosen
+
+
+def test_rows_that_finish_together_stay_together_unless_drafting_pays_for_it():
+    """Where the batch's rows will finish in one step and be refilled in one prefill, drafting
+    would end them apart for the rest of the job (view.desync: 25% at 32-token rows): a 30% gain
+    does not pay for that and the 15% margin; neither does a probe to find it. Once the rows are
+    apart anyway (desync 0), or with no view, it drafts."""
+    together = lockstep_steps(BatchView(context_tokens=800, remaining_tokens=100_000, desync=0.25))
+    assert not any(together)
+    assert sum(lockstep_steps(BatchView(context_tokens=800, remaining_tokens=100_000, desync=0.0))) >= 50
+    assert sum(lockstep_steps(None)) >= 50
+
+
+def test_a_probe_that_feeds_a_draft_every_row_waits_for_a_job_long_enough_to_repay_it():
+    """A draft model's first try feeds it every row's context (its share of a target forward
+    over them). On a short job what the arm could save never repays that; on a long one it does."""
+
+    def first_try(remaining_tokens: int) -> bool:
+        policy = GoodputPolicy(max_k=4, costs=CostModel(prior_acceptance=0.8))
+        policy.bind(["draft"], share=lambda arm: 0.4)
+        policy.prefilled(32 * 100, 0.020)  # 32 rows of 100 tokens: the target's cost at their size
+        view = BatchView(context_tokens=32 * 100, remaining_tokens=remaining_tokens)
+        for _ in range(20):
+            choice = policy.choose(32, view)
+            if choice.k:
+                return True
+            policy.observe(StepMeasurement("ar", 0, [0] * 32, [0] * 32, 32, 0.010, step_seconds=0.010))
+        return False
+
+    assert not first_try(remaining_tokens=200)  # 63 ms of plain steps left, to save ~20% of: the draft's prefill is 8 ms
+    assert first_try(remaining_tokens=200_000)

@@ -4,7 +4,7 @@ The engine takes token ids and returns token ids; it knows nothing of text or fi
 wait in a queue; whenever slots are free, waiting requests are admitted and prefilled together
 (one forward, ragged prompts right-padded, each row at its own positions). Every decode step then:
 
-    arm, K = policy.choose(batch)              # K = 0: a plain step
+    arm, K = policy.choose(batch, view)        # K = 0: a plain step; view: the job left
     drafts = proposer.propose(arm, rows, K_b)  # K_b <= K per row, capped by the row's token limit
     logits = target([last token] + drafts)     # one forward, [batch, max K_b + 1, vocab]
     n_b, t = verify(logits, drafts)            # rejection sampling; greedy: exact argmax match
@@ -34,6 +34,7 @@ from .architecture import decoder_layers
 from .auto import ArmSet
 from .cascade_attention import supports_cascade
 from .cost_model import StepMeasurement
+from .draft_policy import BatchView
 from .forward import forward_slots, last_logits, pad_right, prefill_prefixes
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
@@ -196,7 +197,7 @@ class Engine:
                     if row.done:
                         finish(row)
             if active:
-                for row in self._decode_step(cache, sorted(active.values(), key=lambda r: r.slot)):
+                for row in self._decode_step(cache, sorted(active.values(), key=lambda r: r.slot), scheduler):
                     finish(row)
         return results  # type: ignore[return-value]
 
@@ -249,12 +250,17 @@ class Engine:
             self._sampling = (key, RowSampling([r.request.sampling for r in rows], [r.generator for r in rows], self.device))
         return self._sampling[1]
 
-    def _decode_step(self, cache: SlotKVCache, rows: list[_Row]) -> list[_Row]:
+    def _decode_step(self, cache: SlotKVCache, rows: list[_Row], scheduler: Scheduler) -> list[_Row]:
         step_start = time.perf_counter()
         sampling = self._row_sampling(rows)
         slots = [r.slot for r in rows]
         seq_lens = [len(r.request.prompt_ids) + len(r.tokens) for r in rows]
-        choice = self.policy.choose(len(rows)) if self.policy is not None else None
+        choice = None
+        if self.policy is not None:
+            prefixes = {id(p): len(p) for p in (cache.prefixes[s] for s in slots) if p is not None}
+            context = sum(n - cache.offset(s) for s, n in zip(slots, seq_lens)) + sum(prefixes.values())
+            remaining = sum(r.remaining for r in rows) + scheduler.waiting_tokens
+            choice = self.policy.choose(len(rows), BatchView(context, remaining, scheduler.desync_cost()))
         k = choice.k if choice is not None else 0
         # Never draft past a row's token limit or the model's context: the bonus token counts too.
         ks = [max(0, min(k, r.remaining - 1, self.max_positions - n - 1)) for r, n in zip(rows, seq_lens)]
