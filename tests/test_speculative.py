@@ -526,3 +526,21 @@ def test_a_probe_that_feeds_a_draft_every_row_waits_for_a_job_long_enough_to_rep
 
     assert not first_try(remaining_tokens=200)  # 63 ms of plain steps left, to save ~20% of: the draft's prefill is 8 ms
     assert first_try(remaining_tokens=200_000)
+
+
+def test_where_plain_wins_drafting_is_weighed_again_only_every_few_steps():
+    """Weighing every arm and K is host work on every step (0.1 ms, 2% of a plain step at batch 1
+    on the CPU): where plain won, it stays plain recheck_after steps before weighing again."""
+
+    def weighings(recheck_after: int) -> int:
+        policy = GoodputPolicy(max_k=6, recheck_after=recheck_after, explore_budget=0.0)
+        feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
+        calls = []
+        best = policy.best
+        policy.best = lambda *a, **kw: (calls.append(a), best(*a, **kw))[1]
+        for _ in range(40):
+            assert policy.choose(4).plain
+            policy.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.010, step_seconds=0.010))
+        return len(calls)
+
+    assert weighings(4) <= 10 and weighings(1) >= 40

@@ -112,6 +112,7 @@ class GoodputPolicy:
     refresh_after: int = 32  # at most this many drafting steps at a batch size before a plain step re-measures plain
     refresh_cost: float = 0.01  # re-measuring plain may cost this share of a drafting arm's predicted time
     explore_budget: float = 0.02  # probes may lose at most this share of the time so far against plain steps
+    recheck_after: int = 4  # plain steps at a batch size before drafting is weighed there again
     probe_payoff: float = 0.25  # a probe's draft prefill must cost under this share of the gain it might find
     costs: CostModel = field(default_factory=CostModel)
     arms: list[str] = field(default_factory=list)
@@ -123,6 +124,7 @@ class GoodputPolicy:
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
     _margin: float = 0.0  # the gain over plain this step's drafting must predict: switch_margin, and the desync a view shows
+    _settled: dict = field(default_factory=dict)  # batch size -> the step before which it stays plain unweighed
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
     elapsed: float = 0.0  # seconds of every step so far
@@ -172,6 +174,10 @@ class GoodputPolicy:
             # finds no match; a batch of one never changes size): then the next arm opens.
             self._opening_probe = True
             return self._probe(self.arms[self._opening % len(self.arms)], self.max_k)
+        if self._steps < self._settled.get(batch_size, 0):
+            # Plain won here a step or two ago: the costs move slowly, and weighing every arm and
+            # K took 0.1 ms a step, 2% of a plain step at batch 1 on the CPU.
+            return PLAIN_STEP
         # Rows that finish together and are refilled in one prefill would be made to finish apart
         # for the rest of the job (Scheduler.desync_cost): drafting must gain that as well.
         self._margin = self.switch_margin + (view.desync if view is not None else 0.0)
@@ -193,6 +199,7 @@ class GoodputPolicy:
             if hope >= (1 + self._margin) * rate and self._worth(arm, hope, rate, view):
                 return self._probe(arm, self.max_k)
         if choice.plain:
+            self._settled[batch_size] = self._steps + self.recheck_after
             return choice
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
