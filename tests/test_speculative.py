@@ -239,7 +239,7 @@ def test_policy_drafts_long_when_acceptance_is_high_and_verification_cheap():
 def test_policy_falls_to_plain_steps_when_acceptance_is_low():
     policy = GoodputPolicy(max_k=6)
     feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
-    assert policy.acceptance < 0.4  # down from the prior 0.6, on the one probe the budget allows
+    assert policy.acceptance < 0.25  # down from the prior 0.6, on the few probes the budget allows
     assert policy.choose(4).plain
 
 
@@ -544,24 +544,3 @@ def test_where_plain_wins_drafting_is_weighed_again_only_every_few_steps():
         return len(calls)
 
     assert weighings(4) <= 10 and weighings(1) >= 40
-
-
-def test_a_probe_runs_only_where_the_budget_covers_what_it_is_predicted_to_lose():
-    """A wide arm (100 tokens a row besides the last, like lookahead's window) that accepts
-    nothing: once measured, each probe is predicted to cost about a plain step more than plain
-    for its one token. The budget (2% of the time so far) is charged before a probe runs, with
-    what it is predicted to lose, not only after: what probes took never passes it (charged only
-    after, each probe passed it by a step's worth)."""
-    policy = GoodputPolicy(max_k=2, probe_after=4)
-    policy.bind(["wide"], chunk=lambda arm, k: 100, share=lambda arm: 0.0)
-    policy.prefilled(200, 0.030)
-    probes, over = [], []
-    for step in range(300):
-        k = policy.choose(1).k
-        seconds = 0.010 + 0.0001 * (1 + (100 if k else 0))
-        policy.observe(StepMeasurement("wide" if k else "ar", k, [k], [0], 1 + (100 if k else 0), seconds, step_seconds=seconds))
-        if k:
-            probes.append(step)
-        if len(probes) > 1:  # the first was predicted to break even, on the prior acceptance
-            over.append(policy.explored - policy.explore_budget * policy.elapsed)
-    assert len(probes) >= 3 and max(over) <= 1e-9

@@ -187,14 +187,14 @@ class GoodputPolicy:
             # Never run: its predicted gain rests on the prior acceptance. Trying it is exploration,
             # a short probe within the budget, like any probe (an n-gram arm's first try on sampled
             # text yielded a third of its prediction).
-            if self._within_budget(choice.arm, choice.k, batch_size, plain) and self._worth(choice.arm, rate, plain, view):
+            if self._within_budget and self._worth(choice.arm, rate, plain, view):
                 return self._probe(choice.arm, choice.k)
             rate, choice = self._best_or_plain(batch_size, [a for a in self.arms if self.costs.measured(a)], plain)
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well
             if arm == choice.arm or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
                 continue
-            if not self._within_budget(arm, self.max_k, batch_size, plain):
-                continue
+            if not self._within_budget:
+                break
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
             if hope >= (1 + self._margin) * rate and self._worth(arm, hope, rate, view):
                 return self._probe(arm, self.max_k)
@@ -227,15 +227,9 @@ class GoodputPolicy:
         cost = self.costs.share.get(arm, 0.0) * self.costs.target.predict(view.context_tokens) + view.desync * left
         return cost <= self.probe_payoff * (1 - plain / rate) * left
 
-    def _within_budget(self, arm: str, k: int, batch_size: int, plain: float) -> bool:
-        """Whether a probe of arm keeps the exploration budget: what probes took beyond plain steps
-        so far, and what this one is predicted to (its seconds, at what the arm is now expected to
-        yield, beyond plain's for the same tokens). A lookahead probe at batch 8 took 34 ms where
-        a plain step took 12; two of them were 3% of a short job, counted only once they ran."""
-        k = min(self.probe_k, k)
-        tokens = batch_size * self.costs.expected_tokens(arm, k)
-        loss = max(tokens / max(self.costs.goodput(arm, batch_size, k), 1e-12) - tokens / plain, 0.0) if plain > 0 else 0.0
-        return self.explored + loss <= self.explore_budget * self.elapsed
+    @property
+    def _within_budget(self) -> bool:
+        return self.explored <= self.explore_budget * self.elapsed
 
     def _probe(self, arm: str, k: int) -> Choice:
         """A short draft of an arm to learn what it yields: exploration, charged to the budget."""
