@@ -59,6 +59,7 @@ class Scheduler:
             raise ValueError(f"admit_wait must be >= 0, got {admit_wait}")
         self.requests, self.keys = requests, prefix_keys
         self.max_prefill_tokens = max_prefill_tokens
+        self.admit_wait = admit_wait
         self.patience = admit_wait * num_slots  # empty slot-steps before a prefill goes anyway
         self.idle = 0  # empty slot-steps since a slot was freed and not yet filled
         self.waiting = deque(range(len(requests)))
@@ -119,9 +120,9 @@ class Scheduler:
         limits = {self.requests[i].max_new_tokens for i in self.active.values()}
         if len(limits) != 1:
             return 0.0
-        wave, rows, a = limits.pop(), len(self.active), self.patience / max(len(self.active) + len(self.free), 1)
-        per_row = rows / wave
-        return min(per_row, (1 + a) / math.sqrt(2 * a * wave)) if a > 0 else per_row
+        wave, a = limits.pop(), self.admit_wait
+        every_row = len(self.active) / wave
+        return min(every_row, (1 + a) / math.sqrt(2 * a * wave)) if a > 0 else every_row
 
     def finish(self, slot: int) -> tuple[int, ...] | None:
         """Free the slot. Returns the prefix key of the group whose last member this was (the
