@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as T
 
-from specbatch.decoding import Engine, GenerationRequest
+from specbatch.decoding import Engine, GenerationRequest, packing
 from specbatch.decoding import cascade_attention as cascade_module
 from specbatch.decoding.architecture import (
     AttentionLayout,
@@ -168,6 +168,28 @@ def test_prefix_sharing_is_used_where_the_model_routes_attention(request):
         computed = engine.stats.prefill_tokens
         total = sum(map(len, prompts))
         assert computed == (total - 3 * shared if expected else total), name
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt-oss", "gpt2", "cohere2"])
+def test_ragged_forwards_run_packed_and_stay_exact(name, monkeypatch):
+    """The prompts (4 to 49 tokens) prefill packed, and n-gram steps where some rows draft and
+    others do not verify packed: through packed attention, with soft-capping, sinks and windows
+    kept (every method's exactness above runs these paths too)."""
+    model, (prompts, _) = build(name), make_prompts()
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    calls = []
+    original = packing.packed_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["specbatch_packing"].index.numel())
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(T.AttentionInterface._global_mapping, packing.register(), counted)
+    for method in ("ar", "ngram"):
+        calls.clear()
+        got, _ = engine_outputs(model, None, method, prompts, 0, False, 4)
+        assert got == expected, method
+        assert calls, f"{method}: nothing ran packed"
 
 
 @pytest.mark.parametrize("name", SLIDING)

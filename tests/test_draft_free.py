@@ -300,3 +300,40 @@ def test_the_engine_declares_each_arms_size_to_the_policy():
     assert share["ngram"] == share["lookahead"] == 0.0
     assert share["draft"] == 0.25  # 1 of 4 layers (its parameters are a smaller share)
     assert 0 < share["layerskip"] < 1
+
+
+class EveryOtherRow(RoundRobin):
+    """n-gram steps in which only the even rows draft; records what each row's record was."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.records: list[list[tuple[float, float]]] = []
+
+    def choose(self, batch_size: int, view=None) -> Choice:
+        self.records.append([row.get("ngram", (0.0, 0.0)) for row in view.rows])
+        return Choice("ngram", self.k, tuple(self.k if b % 2 == 0 else 0 for b in range(batch_size)))
+
+
+def test_rows_of_one_step_draft_what_the_policy_gives_each_and_verify_packed():
+    """Per request: the rows the policy leaves out draft nothing and verify as plain rows in the
+    same packed forward; each row's own record of its drafts reaches the policy; greedy output
+    is plain decoding's."""
+    model = tiny_llama(seed=4, layers=2)
+    prompts = repetitive_prompts(4, seed=7)
+    requests = [GenerationRequest(str(i), p, 12) for i, p in enumerate(prompts)]
+    reference = run(model, requests, 4)
+    sizes = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: sizes.append(tuple(args[0].shape)))
+    policy = EveryOtherRow(3)
+    results = run(model, requests, 4, NgramProposer(), policy)
+    assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
+    together = min(len(r.steps) for r in results)  # until a row ends, a request keeps its place in the batch
+    for i, r in enumerate(results):
+        steps = r.steps[:together]
+        if i % 2:
+            assert all(s.num_draft == 0 and s.drafted == 0 for s in steps)
+        else:
+            assert any(s.drafted for s in steps) and all(s.num_draft == 3 for s in steps)
+    assert max(rows[1][1] for rows in policy.records[:together]) == 0  # trials of row 1: it never drafted
+    assert max(rows[0][1] for rows in policy.records[:together]) > 0
+    assert (1, 4 + 1 + 1 + 1) in sizes  # row 0's draft and three last tokens, packed

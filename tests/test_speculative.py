@@ -544,3 +544,33 @@ def test_where_plain_wins_drafting_is_weighed_again_only_every_few_steps():
         return len(calls)
 
     assert weighings(4) <= 10 and weighings(1) >= 40
+
+
+def plan_policy(per_token: float) -> GoodputPolicy:
+    """A lookup arm that ran: a forward of 8 tokens takes 10 ms, each token more per_token."""
+    policy = GoodputPolicy(max_k=6, arms=["lookup"])
+    policy.costs.target.add(8, 0.010)
+    policy.costs.target.add(40, 0.010 + 32 * per_token)
+    policy.costs.observe(StepMeasurement("lookup", 2, [2] * 8, [0] * 8, 24, 0.015, step_seconds=0.015))
+    policy.costs._bias.clear()  # its steps took what they were predicted to
+    policy._steps = policy._last_run["lookup"] = policy._plain_at[8] = 100  # the arm and plain just ran
+    return policy
+
+
+def test_rows_of_one_batch_draft_what_their_own_acceptance_pays_for():
+    """Per request: at batch 8, where the arm accepted nothing so far (drafting every row loses),
+    a plan lets the row that copies (19 of 20 drafts accepted) draft long and the row whose
+    drafts fail (2 of 20) and rows without a record of their own draft nothing, all in one
+    packed forward; dearer tokens shorten the copying row's draft; a batch where no row copies
+    stays plain; a window wider than the draft (one tree forward) plans nothing."""
+    copying, failing, new = {"lookup": (19.0, 20.0)}, {"lookup": (2.0, 20.0)}, {}
+    view = BatchView(10_000, 10_000, 0.0, [copying, failing] + [new] * 6)
+    choice = plan_policy(0.0003).choose(8, view)
+    assert choice.arm == "lookup" and choice.rows is not None
+    assert choice.rows[0] >= 4 and choice.rows[1:] == (0,) * 7 and choice.k == choice.rows[0]
+    dearer = plan_policy(0.0006).choose(8, view)
+    assert dearer.rows is not None and 0 < dearer.rows[0] < choice.rows[0]
+    assert plan_policy(0.0003).choose(8, BatchView(10_000, 10_000, 0.0, [failing, new] * 4)).plain
+    tree = plan_policy(0.0003)
+    tree.costs.chunk["lookup", 6] = 12
+    assert tree.choose(8, view).plain

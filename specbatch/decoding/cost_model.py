@@ -31,6 +31,11 @@ and predicts, for an arm not yet run at (B, K):
                          (B x the measured tokens per row of (arm, K)'s steps, once it has run)
     goodput            = tokens / (seconds x bias[arm]);  plain ("ar", K = 0): B / (seconds("ar", B, 0) x bias["ar"])
 
+A plan, in which each row drafts a length of its own (draft_policy), is priced from the parts
+(plan_seconds): the target's forward over the tokens it runs (packed, where the engine packs it),
+a draft forward per depth over the rows still drafting, and the rest as above; its steps are not
+(arm, B, K)'s and are calibrated against the plan's own prediction.
+
 bias[arm] is how far the arm's recent steps fell short of their prediction: seconds taken over
 seconds predicted for the tokens they emitted. A policy that picks the best of many noisy
 estimates (every arm and K) picks the one whose noise flattered it most, so the chosen step's
@@ -54,6 +59,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PLAIN = "ar"
+PACK_BELOW = 0.75  # a ragged forward is packed where its real tokens are at most this share of its padded size (forward.packs)
 
 
 class Recent:
@@ -126,6 +132,17 @@ class LinearCost:
     def has_slope(self) -> bool:
         """Seen at two sizes at least: the fixed cost and the per-token cost can be told apart."""
         return self.largest > self.smallest
+
+    @property
+    def slope(self) -> float:
+        """Seconds per unit of size beyond the fixed cost (0 until two sizes are seen)."""
+        if self.n == 0:
+            return 0.0
+        mean_x, mean_y = self.sx / self.n, self.sy / self.n
+        var = self.sxx / self.n - mean_x * mean_x
+        if var <= 1e-9 * max(mean_x * mean_x, 1.0):
+            return 0.0
+        return max((self.sxy / self.n - mean_x * mean_y) / var, 0.0)
 
     def predict(self, size: float) -> float:
         if size in self.by_size:
@@ -215,6 +232,27 @@ class CostModel:
         host = self.host[arm].value if arm in self.host else 0.0
         return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + self.catch_up(arm) + admission
 
+    def plan_seconds(self, arm: str, lengths: list[int], tokens: float) -> float:
+        """Predicted seconds of a step in which row b drafts lengths[b] (0 allowed) and the rows
+        emit `tokens`: the target's forward over the real tokens where the engine packs it,
+        each draft forward over the rows still drafting, and the parts of a step as seconds()."""
+        batch, width = len(lengths), 1 + max(lengths)
+        real = batch + sum(lengths)
+        size = real if real <= PACK_BELOW * batch * width else batch * width
+        draft = 0.0
+        for j in range(1, width):
+            rows = sum(1 for n in lengths if n >= j)
+            draft += self.draft[arm].predict(rows) if arm in self.draft else self.share.get(arm, 0.0) * self.target.predict(rows)
+        host = batch * self.host[arm].value if arm in self.host else 0.0
+        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+        return self.target.predict(size) + draft + host + rest + self.catch_up(arm) + self.admission * tokens
+
+    def token_seconds(self, arm: str) -> float:
+        """What one more drafted token of one row adds to a step: a token more in the target's
+        (packed) forward and a row more in a draft forward."""
+        draft = self.draft[arm].slope if arm in self.draft else self.share.get(arm, 0.0) * self.target.slope
+        return self.target.slope + draft
+
     def goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
         """Predicted tokens per second of a step of this arm and K over `batch` rows, calibrated
         by the arm's recent bias; at a given acceptance (a hypothesis, not a forecast), not."""
@@ -233,14 +271,20 @@ class CostModel:
 
     def _calibrate(self, arm: str, k: int, batch: int, tokens: int, seconds: float) -> None:
         """A step of the arm emitted `tokens` in `seconds`: against what was predicted for it
-        before it ran (the caller observes it after). A stall counts at most 4x."""
-        predicted = tokens / max(self._goodput(arm, batch, k), 1e-12)
+        before it ran (the caller observes it after)."""
+        self.calibrate(arm, tokens / max(self._goodput(arm, batch, k), 1e-12), tokens, seconds)
+
+    def calibrate(self, arm: str, predicted: float, tokens: int, seconds: float) -> None:
+        """A step of the arm took `seconds` and emitted `tokens`, predicted to take `predicted`
+        seconds (admission included) for them. A stall counts at most 4x."""
         taken = min(max(seconds + self.admission * tokens, predicted / 4), 4 * predicted)
         d = self.bias_decay
         old = self._bias.get(arm, (0.0, 0.0, 0.0))
         self._bias[arm] = (d * old[0] + taken, d * old[1] + predicted, d * old[2] + 1)
 
-    def observe(self, m: StepMeasurement) -> None:
+    def observe(self, m: StepMeasurement, grid: bool = True) -> None:
+        """grid: every row of the step was asked for K (False: rows drafted lengths of their own,
+        a plan; the step is not one of (arm, batch, K)'s and its caller calibrates it)."""
         batch = len(m.num_draft)
         arm, k = (m.arm, m.k) if any(m.num_draft) else (PLAIN, 0)
         # A draft forward over more than two tokens a row feeds what the draft has not seen: new
@@ -248,12 +292,12 @@ class CostModel:
         steady = [(rows, seconds) for rows, tokens, seconds in m.draft_forwards if tokens <= 2 * rows]
         forwards = sum(seconds for _, _, seconds in m.draft_forwards)
         catch_up = forwards - sum(seconds for _, seconds in steady)
-        if m.step_seconds and self.target.has_slope:  # a prediction to check (a draft opening prefills: no step cost)
+        if grid and m.step_seconds and self.target.has_slope:  # a prediction to check (a draft opening prefills: no step cost)
             opening = catch_up if arm != PLAIN and arm not in self._catch_up else 0.0
             self._calibrate(arm, k, batch, sum(m.num_accepted) + batch, m.step_seconds - opening)
         self.target.add(m.target_tokens, m.target_seconds)
         self._emitted(sum(m.num_accepted) + batch)
-        if m.step_seconds:
+        if m.step_seconds and grid:
             remember(self.step, (arm, batch, k), m.step_seconds - catch_up, 1024)
             rest = m.step_seconds - m.target_seconds - m.propose_seconds
             remember(self.rest, arm, max(rest, 0.0) / batch, 64)
@@ -272,8 +316,9 @@ class CostModel:
         else:
             self._catch_up[arm] = (0.0, 1.0)
         accepted = sum(m.num_accepted)
-        emitted, rows = self.tokens.get((arm, k), (0.0, 0.0))
-        self.tokens[arm, k] = (d * emitted + accepted + batch, d * rows + batch)
+        if grid:
+            emitted, rows = self.tokens.get((arm, k), (0.0, 0.0))
+            self.tokens[arm, k] = (d * emitted + accepted + batch, d * rows + batch)
         rejections = sum(1 for n, a in zip(m.num_draft, m.num_accepted) if n and a < n)
         self._accepted[arm] = d * self._accepted.get(arm, 0.0) + accepted
         self._trials[arm] = d * self._trials.get(arm, 0.0) + accepted + rejections

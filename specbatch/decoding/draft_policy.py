@@ -30,6 +30,14 @@ probe might find. On the CPU bench (independent prompts, batch 8, 32-token rows)
 though the drafting steps themselves measured about plain's goodput. A probe of a draft model
 first feeds it every row's context; on a short job that never pays (`_worth`).
 
+Per request: the rows of one batch differ (one copies its prompt, the next writes freely), and
+the engine runs a step whose rows feed different numbers of tokens packed (packing.py), so a row
+that drafts nothing costs what it costs in a plain step. Besides drafting K in every row, each
+arm that ran (and whose chunk is its draft: lookahead's window is one tree forward) is weighed
+as a plan: each row drafts the length its own record of acceptance with that arm pays for (the
+engine keeps one per request and passes them in the view), and the plan runs where it beats
+plain by the margin and every step that drafts K in all rows (`_plan`).
+
 Exploration is priced, not scheduled. Costs are shared: the target's forward costs the same
 whoever proposed, so a plain step teaches what a draft step's verification will cost. An arm
 never run is predicted with a prior acceptance and the chunk its proposer declares (lookahead's
@@ -62,6 +70,7 @@ from .cost_model import PLAIN, CostModel, StepMeasurement
 class Choice:
     arm: str  # a proposer's name, or "ar" for a plain step
     k: int  # 0 for a plain step
+    rows: tuple[int, ...] | None = None  # each row's own draft length (a plan); None: every row K
 
     @property
     def plain(self) -> bool:
@@ -78,6 +87,7 @@ class BatchView:
     context_tokens: int  # tokens in the rows' contexts, each shared prefix once: what a draft that saw none must prefill
     remaining_tokens: int  # tokens the job may still emit: the rows' limits and the waiting requests'
     desync: float = 0.0  # share of the job's time rows made to finish apart would cost (Scheduler.desync_cost)
+    rows: list[dict] | None = None  # per row: arm -> its decayed (accepted drafts, trials), as CostModel.acceptance counts
 
 
 class FixedPolicy:
@@ -115,6 +125,7 @@ class GoodputPolicy:
     explore_budget: float = 0.02  # probes may lose at most this share of the time so far against plain steps
     recheck_after: int = 4  # plain steps at a batch size before drafting is weighed there again
     probe_payoff: float = 0.25  # a probe's draft prefill must cost under this share of the gain it might find
+    row_prior: float = 2.0  # trials of the arm's acceptance a row's own record starts from
     costs: CostModel = field(default_factory=CostModel)
     arms: list[str] = field(default_factory=list)
     _steps: int = 0
@@ -127,6 +138,7 @@ class GoodputPolicy:
     _margin: float = 0.0  # the gain over plain this step's drafting must predict: switch_margin, and the desync a view shows
     _settled: dict = field(default_factory=dict)  # batch size -> the step before which it stays plain unweighed
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
+    _planned: tuple[float, float] | None = None  # this step's plan: (tokens, seconds) predicted
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
     elapsed: float = 0.0  # seconds of every step so far
     explored: float = 0.0  # seconds probes took beyond what plain steps would have for their tokens
@@ -164,6 +176,7 @@ class GoodputPolicy:
         self._steps += 1
         self._probing = None
         self._opening_probe = False
+        self._planned = None
         if not self.arms or self.max_k == 0:
             return PLAIN_STEP
         if self._steps == 1:
@@ -191,6 +204,8 @@ class GoodputPolicy:
             if self._within_budget and self._worth(choice.arm, rate, plain, view):
                 return self._probe(choice.arm, choice.k)
             rate, choice = self._best_or_plain(batch_size, [a for a in self.arms if self.costs.measured(a)], plain)
+        if batch_size > 1 and view is not None and view.rows is not None:
+            rate, choice = self._plan(batch_size, view.rows, rate, choice, plain)
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well
             if arm == choice.arm or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
                 continue
@@ -205,6 +220,50 @@ class GoodputPolicy:
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
         return self._ran(choice)
+
+    def _plan(self, batch_size: int, rows: list[dict], rate: float, choice: Choice, plain: float) -> tuple[float, Choice]:
+        """The best of (rate, choice) and a plan per arm: each row drafts its own length. The
+        rows of one batch differ (one copies its prompt, the next writes freely), and a packed
+        forward (packing.py) runs each row's own tokens only, so a row drafts j tokens where
+        what they add to the step, j x CostModel.token_seconds with the margin, is below what
+        the tokens it is expected to accept save: a plain step's seconds per row each. A row's
+        acceptance is its own record with the arm, drawn toward the arm's by row_prior trials
+        (a row without one drafts as the arm's acceptance says, and so starts a record). A plan
+        runs where its predicted goodput (calibrated by the arm's bias) beats plain by the
+        margin and the best step that drafts K in every row. Arms with a chunk wider than the
+        draft (lookahead's window: one tree forward, never packed) and arms never run plan
+        nothing."""
+        value = self.costs.seconds(PLAIN, batch_size, 0) / batch_size
+        best = (max(rate, (1 + self._margin) * plain), None)
+        k = self.max_k
+        for arm in self.arms:
+            if self.costs.chunk.get((arm, k), k) != k or not self.costs.measured(arm):
+                continue
+            prior = self.costs.acceptance(arm)
+            price = (1 + self._margin) * self.costs.token_seconds(arm)
+            lengths, tokens, seen = [], 0.0, {}
+            for row in rows:
+                record = row.get(arm, (0.0, 0.0))
+                if record not in seen:
+                    a = min((record[0] + self.row_prior * prior) / (record[1] + self.row_prior), 0.999)
+                    gain, j = max((value * (a - a ** (j + 1)) / (1 - a) - price * j, j) for j in range(1, k + 1))
+                    j = j if gain > 0 else 0
+                    seen[record] = (j, (1 - a ** (j + 1)) / (1 - a))
+                j, expected = seen[record]
+                lengths.append(j)
+                tokens += expected
+            if not any(lengths):
+                continue
+            seconds = self.costs.plan_seconds(arm, lengths, tokens)
+            bias = self.costs.bias(arm) if self.costs.calibrated else 1.0
+            planned = tokens / max(seconds * bias, 1e-12)
+            if planned > best[0]:
+                best = (planned, (Choice(arm, max(lengths), tuple(lengths)), tokens, seconds))
+        if best[1] is None:
+            return rate, choice
+        plan, tokens, seconds = best[1]
+        self._planned = (tokens, seconds)
+        return best[0], plan
 
     def _best_or_plain(self, batch_size: int, arms: list[str], plain: float) -> tuple[float, Choice]:
         """The best drafting step among arms where it beats plain goodput by the margin, else plain."""
@@ -235,6 +294,7 @@ class GoodputPolicy:
     def _probe(self, arm: str, k: int) -> Choice:
         """A short draft of an arm to learn what it yields: exploration, charged to the budget."""
         self._probing = arm
+        self._planned = None  # every row drafts the probe's K
         self.probes += 1
         return self._ran(Choice(arm, min(self.probe_k, k)))
 
@@ -263,7 +323,13 @@ class GoodputPolicy:
             plain = self.costs.goodput(PLAIN, batch, 0)
             tokens = batch + sum(measurement.num_accepted)
             self.explored = max(self.explored + seconds - (tokens / plain if plain > 0 else 0.0), 0.0)
-        self.costs.observe(measurement)
+        if self._planned is not None and any(measurement.num_draft):
+            self.costs.observe(measurement, grid=False)
+            tokens, predicted = self._planned
+            emitted = batch + sum(measurement.num_accepted)
+            self.costs.calibrate(measurement.arm, predicted * emitted / tokens, emitted, measurement.step_seconds or seconds)
+        else:
+            self.costs.observe(measurement)
         if not any(measurement.num_draft):
             self._plain_at[batch] = self._steps
         if self._opening_probe:

@@ -2,18 +2,20 @@
 
 The engine takes token ids and returns token ids; it knows nothing of text or files. Requests
 wait in a queue; whenever slots are free, waiting requests are admitted and prefilled together
-(one forward, ragged prompts right-padded, each row at its own positions). Every decode step then:
+(one forward, each row at its own positions). Every decode step then:
 
-    arm, K = policy.choose(batch, view)        # K = 0: a plain step; view: the job left
-    drafts = proposer.propose(arm, rows, K_b)  # K_b <= K per row, capped by the row's token limit
-    logits = target([last token] + drafts)     # one forward, [batch, max K_b + 1, vocab]
+    arm, K = policy.choose(batch, view)        # K = 0: a plain step; view: the job left, each row's record
+    drafts = proposer.propose(arm, rows, K_b)  # K_b <= K per row (a plan gives each row its own), capped by its limit
+    logits = target([last token] + drafts)     # one forward over every row, [batch, max K_b + 1, vocab]
     n_b, t = verify(logits, drafts)            # rejection sampling; greedy: exact argmax match
     commit 1 + n_b positions of row b          # rejected positions are simply not committed
     policy.observe(StepMeasurement(...))       # what the step cost and yielded (cost_model.py)
 
 A finished row frees its slot at once and the next waiting request takes it, so throughput holds
 when output lengths vary. Each row accepts its own number of tokens; its KV cache length and
-position ids are its own, so nothing drifts after ragged acceptance.
+position ids are its own, so nothing drifts after ragged acceptance. A forward whose rows feed
+different numbers of tokens (prompts; a draft in some rows only) runs packed where padding would
+be over a quarter of it: the real tokens only, as one sequence (packing.py).
 
 Prefix sharing: requests that carry the same first prefix_len tokens (prefix_tree.py plans them)
 form a group. When its first member is admitted the prefix is prefilled once and stored once
@@ -35,7 +37,7 @@ from .auto import ArmSet
 from .cascade_attention import supports_cascade
 from .cost_model import StepMeasurement
 from .draft_policy import BatchView
-from .forward import forward_slots, last_logits, pad_right, prefill_prefixes
+from .forward import forward_size, forward_slots, last_logits, pad_right, prefill_prefixes
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
 from .proposer import Proposer, forward_parameters
@@ -57,6 +59,7 @@ class _Row:
     prefilled_at: float = 0.0
     done: bool = False
     tokens: list[int] = field(default_factory=list)  # emitted; the last is not yet in the target cache
+    drafts: dict = field(default_factory=dict)  # arm -> decayed (accepted drafts, trials) of this request's steps
 
     @property
     def seq(self) -> list[int]:
@@ -235,7 +238,7 @@ class Engine:
         chosen = next_tokens(logits, sampling).tolist()
         elapsed = time.perf_counter() - t0
         if self.policy is not None:
-            self.policy.prefilled(len(rows) * max(len(p) for p in suffixes), elapsed)  # padded tokens
+            self.policy.prefilled(forward_size(self.model, [len(p) for p in suffixes], max(len(p) for p in suffixes)), elapsed)
         for r, token in zip(rows, chosen):
             r.result.target_steps += 1
             r.result.target_seconds += elapsed
@@ -260,10 +263,12 @@ class Engine:
             prefixes = {id(p): len(p) for p in (cache.prefixes[s] for s in slots) if p is not None}
             context = sum(n - cache.offset(s) for s, n in zip(slots, seq_lens)) + sum(prefixes.values())
             remaining = sum(r.remaining for r in rows) + scheduler.waiting_tokens
-            choice = self.policy.choose(len(rows), BatchView(context, remaining, scheduler.desync_cost()))
+            view = BatchView(context, remaining, scheduler.desync_cost(), [r.drafts for r in rows])
+            choice = self.policy.choose(len(rows), view)
         k = choice.k if choice is not None else 0
+        wanted = list(choice.rows) if choice is not None and choice.rows is not None else [k] * len(rows)
         # Never draft past a row's token limit or the model's context: the bonus token counts too.
-        ks = [max(0, min(k, r.remaining - 1, self.max_positions - n - 1)) for r, n in zip(rows, seq_lens)]
+        ks = [max(0, min(w, r.remaining - 1, self.max_positions - n - 1)) for w, r, n in zip(wanted, rows, seq_lens)]
         draft, draft_seconds = None, 0.0
         if any(ks):
             before = self.proposer.seconds
@@ -276,12 +281,13 @@ class Engine:
         chunk = [tree.num_tokens[b] if tree else num_draft[b] for b in range(len(rows))]
         inputs = [[r.tokens[-1]] + drafts[b][: chunk[b]] for b, r in enumerate(rows)]
         ids, lengths = pad_right(inputs, self.device)
+        num_real = lengths.tolist()
         layout = None
         if tree is not None:  # several candidates and riders, each placed and masked as the tree says
             layout = (torch.nn.functional.pad(tree.depth, (1, 0)), tree.chunk_visible())
         t0 = time.perf_counter()
         logits = self._target(
-            lambda: forward_slots(self.model, cache, slots, ids, None, lengths.tolist(), layout)
+            lambda: forward_slots(self.model, cache, slots, ids, None, num_real, layout)
         )  # [batch, width, vocab]
         verdict = verify(logits, draft, sampling) if tree is None else verify_tree(logits, tree, sampling)
         target_seconds = time.perf_counter() - t0
@@ -297,9 +303,12 @@ class Engine:
             r.result.draft_seconds += draft_seconds
             r.result.drafted_tokens += num_draft[b]
             r.result.accepted_tokens += accepted
+            if num_draft[b]:  # as CostModel.acceptance counts: accepted, plus a first rejection
+                seen, trials = r.drafts.get(source, (0.0, 0.0))
+                r.drafts[source] = (0.9 * seen + accepted, 0.9 * trials + accepted + (accepted < num_draft[b]))
             emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
             if self.proposer is not None:
-                r.result.steps.append(StepRecord(len(r.result.steps), k, num_draft[b], accepted, emitted, source))
+                r.result.steps.append(StepRecord(len(r.result.steps), wanted[b], num_draft[b], accepted, emitted, source))
         seconds = time.perf_counter() - step_start
         plain = self._step_cost[1]
         if not any(num_draft):  # what a plain step costs now, for the scheduler's weighing of empty slots
@@ -313,7 +322,7 @@ class Engine:
                     k=k,
                     num_draft=num_draft,
                     num_accepted=verdict.num_accepted,
-                    target_tokens=len(rows) * width,
+                    target_tokens=forward_size(self.model, num_real, width, layout),
                     target_seconds=target_seconds,
                     propose_seconds=draft_seconds,
                     draft_forwards=self.proposer.last_forwards if draft is not None else [],

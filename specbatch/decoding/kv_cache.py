@@ -52,6 +52,7 @@ class SlotKVCache:
         self._write_pos = torch.zeros(0, 0, dtype=torch.long)
         self._kv_len = 0
         self._real: torch.Tensor | None = None
+        self._packed = False
         self._slots_lead = False
 
     def _rounded(self, n: int) -> int:
@@ -108,6 +109,7 @@ class SlotKVCache:
         q_len: int,
         num_real: list[int] | None = None,
         tree: tuple[torch.Tensor, torch.Tensor] | None = None,
+        packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prepare a forward of `q_len` new positions for each of `slots`, of which the first
         num_real[b] are real tokens (all, by default) and the rest right padding. A tree forward
@@ -116,7 +118,8 @@ class SlotKVCache:
         Returns (position_ids [batch, q_len], visible [batch, 1, q_len, kv_len], key_positions
         [batch, kv_len]) where kv_len spans the slots' own tokens (a shared prefix is attended to
         separately) and positions are absolute (a shared prefix's length included), for sliding
-        windows."""
+        windows. packed: the forward's keys come packed (packing.py), [1, kv_heads, T, head_dim]
+        with T the real tokens, row after row."""
         num_real = num_real or [q_len] * len(slots)
         starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)  # [batch]
         kv_len = max(self.lengths[s] + n for s, n in zip(slots, num_real))
@@ -129,6 +132,7 @@ class SlotKVCache:
         self._write_pos = starts[:, None] + offsets  # [batch, q_len]
         # Only real tokens are written: padding never lands past a row's end or over its keys.
         self._real = None if min(num_real) == q_len else offsets < torch.tensor(num_real, device=self.device)[:, None]
+        self._packed = packed
         self._kv_len = kv_len
         key_pos = torch.arange(kv_len, device=self.device)
         # Query i of a row sees every key at or before its own position: the committed cache
@@ -155,7 +159,11 @@ class SlotKVCache:
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         rows = self._slots[:, None].expand_as(self._write_pos)  # [batch, q_len]
         key, value = key.transpose(1, 2), value.transpose(1, 2)  # [batch, q_len, heads, dim]
-        if self._real is None:
+        if self._packed:  # [1, T, heads, dim]: the real tokens, row after row
+            real = self._real if self._real is not None else torch.ones_like(rows, dtype=torch.bool)
+            k_cache[rows[real], :, self._write_pos[real]] = key[0].to(k_cache.dtype)
+            v_cache[rows[real], :, self._write_pos[real]] = value[0].to(v_cache.dtype)
+        elif self._real is None:
             k_cache[rows, :, self._write_pos] = key.to(k_cache.dtype)
             v_cache[rows, :, self._write_pos] = value.to(v_cache.dtype)
         else:

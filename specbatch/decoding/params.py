@@ -57,7 +57,7 @@ class StepRecord:
     """One target forward that this request took part in."""
 
     step: int
-    num_draft: int  # K chosen for this step (0 for plain decoding)
+    num_draft: int  # K chosen for this request in this step (0 for plain decoding; rows of one step may differ)
     drafted: int  # draft tokens proposed
     accepted: int  # draft tokens accepted
     emitted: int  # tokens appended to the output (accepted + 1, fewer at a stop)

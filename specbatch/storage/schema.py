@@ -48,7 +48,7 @@ STEPS = pa.schema(
         ("request_id", pa.string()),
         ("sample_index", pa.int32()),
         ("step", pa.int32()),
-        ("num_draft", pa.int32()),  # K chosen for the step
+        ("num_draft", pa.int32()),  # K chosen for this request in the step (rows of one step may differ)
         ("drafted", pa.int32()),
         ("accepted", pa.int32()),
         ("emitted", pa.int32()),
