@@ -186,14 +186,6 @@ def attention_implementation(model, name: str):
             c._attn_implementation = before[key]
 
 
-@contextmanager
-def cascade_attention_on(model):
-    """Route the model's attention through cascade_attention for one forward, then restore its
-    own implementation (the model stays usable by anything else, e.g. transformers' generate)."""
-    with attention_implementation(model, register()):
-        yield
-
-
 def register() -> str:
     """Register cascade_attention with transformers (once); its name."""
     if NAME not in AttentionInterface._global_mapping:

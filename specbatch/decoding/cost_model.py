@@ -59,7 +59,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PLAIN = "ar"
-PACK_BELOW = 0.75  # a ragged forward is packed where its real tokens are at most this share of its padded size (forward.packs)
+PACK_BELOW = 0.75  # a ragged forward is packed where its real tokens are at most this share of its padded size
+
+
+def ragged(num_real: list[int], width: int) -> bool:
+    """Whether rows of num_real real tokens in `width` columns are ragged enough to pack: on the
+    CPU a packed forward with no padding took 10% longer than the padded one (forward.packs)."""
+    return sum(num_real) <= PACK_BELOW * len(num_real) * width
+
+
+ROW_DECAY = 0.9  # per step a request drafts: its own record follows its text faster than an arm's (acceptance_decay)
+
+
+def record_drafts(record: tuple[float, float], drafted: int, accepted: int) -> tuple[float, float]:
+    """A request's own decayed (accepted drafts, trials) after a step in which it drafted
+    `drafted` tokens and `accepted` of them were accepted, counted as CostModel.acceptance
+    counts an arm's: a trial for each accepted draft and one for a first rejection."""
+    seen, trials = record
+    return ROW_DECAY * seen + accepted, ROW_DECAY * trials + accepted + (accepted < drafted)
 
 
 class Recent:
@@ -237,8 +254,8 @@ class CostModel:
         emit `tokens`: the target's forward over the real tokens where the engine packs it,
         each draft forward over the rows still drafting, and the parts of a step as seconds()."""
         batch, width = len(lengths), 1 + max(lengths)
-        real = batch + sum(lengths)
-        size = real if real <= PACK_BELOW * batch * width else batch * width
+        real = [1 + n for n in lengths]
+        size = sum(real) if ragged(real, width) else batch * width
         draft = 0.0
         for j in range(1, width):
             rows = sum(1 for n in lengths if n >= j)

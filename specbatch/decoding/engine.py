@@ -35,9 +35,9 @@ import torch
 from .architecture import decoder_layers
 from .auto import ArmSet
 from .cascade_attention import supports_cascade
-from .cost_model import StepMeasurement
+from .cost_model import StepMeasurement, record_drafts
 from .draft_policy import BatchView
-from .forward import forward_size, forward_slots, last_logits, pad_right, prefill_prefixes
+from .forward import forward_size, forward_slots, last_logits, packs, pad_right, prefill_prefixes
 from .kv_cache import SlotKVCache
 from .params import GenerationRequest, GenerationResult, StepRecord
 from .proposer import Proposer, forward_parameters
@@ -280,18 +280,18 @@ class Engine:
         drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
         chunk = [tree.num_tokens[b] if tree else num_draft[b] for b in range(len(rows))]
         inputs = [[r.tokens[-1]] + drafts[b][: chunk[b]] for b, r in enumerate(rows)]
-        ids, lengths = pad_right(inputs, self.device)
-        num_real = lengths.tolist()
+        ids, _ = pad_right(inputs, self.device)
+        num_real, width = [len(x) for x in inputs], ids.shape[1]
         layout = None
         if tree is not None:  # several candidates and riders, each placed and masked as the tree says
             layout = (torch.nn.functional.pad(tree.depth, (1, 0)), tree.chunk_visible())
+        packed = packs(self.model, num_real, width, layout)
         t0 = time.perf_counter()
         logits = self._target(
-            lambda: forward_slots(self.model, cache, slots, ids, None, num_real, layout)
+            lambda: forward_slots(self.model, cache, slots, ids, None, num_real, layout, packed)
         )  # [batch, width, vocab]
         verdict = verify(logits, draft, sampling) if tree is None else verify_tree(logits, tree, sampling)
         target_seconds = time.perf_counter() - t0
-        width = ids.shape[1]
         for b, r in enumerate(rows):
             accepted = verdict.num_accepted[b]
             if verdict.paths is not None:  # the accepted candidate's keys move behind the last token
@@ -303,9 +303,8 @@ class Engine:
             r.result.draft_seconds += draft_seconds
             r.result.drafted_tokens += num_draft[b]
             r.result.accepted_tokens += accepted
-            if num_draft[b]:  # as CostModel.acceptance counts: accepted, plus a first rejection
-                seen, trials = r.drafts.get(source, (0.0, 0.0))
-                r.drafts[source] = (0.9 * seen + accepted, 0.9 * trials + accepted + (accepted < num_draft[b]))
+            if num_draft[b]:
+                r.drafts[source] = record_drafts(r.drafts.get(source, (0.0, 0.0)), num_draft[b], accepted)
             emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
             if self.proposer is not None:
                 r.result.steps.append(StepRecord(len(r.result.steps), wanted[b], num_draft[b], accepted, emitted, source))
@@ -322,7 +321,7 @@ class Engine:
                     k=k,
                     num_draft=num_draft,
                     num_accepted=verdict.num_accepted,
-                    target_tokens=forward_size(self.model, num_real, width, layout),
+                    target_tokens=sum(num_real) if packed else len(rows) * width,
                     target_seconds=target_seconds,
                     propose_seconds=draft_seconds,
                     draft_forwards=self.proposer.last_forwards if draft is not None else [],

@@ -8,17 +8,11 @@ from contextlib import nullcontext
 
 import torch
 
+from . import cascade_attention, packing
 from .architecture import attention_layout, cache_argument
-from .cascade_attention import (
-    CascadeContext,
-    PrefixGroup,
-    attention_implementation,
-    cascade_attention_on,
-    supports_cascade,
-)
-from .cost_model import PACK_BELOW
+from .cascade_attention import CascadeContext, PrefixGroup, attention_implementation, supports_cascade
+from .cost_model import ragged
 from .kv_cache import SlotKVCache
-from .packing import Packing, register
 from .shared_prefix import SharedPrefix
 
 
@@ -31,11 +25,9 @@ def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def packs(model, num_real: list[int] | None, width: int, tree=None) -> bool:
-    """Whether forward_slots runs these rows packed (packing.py): ragged enough to pay for it (on
-    the CPU a packed forward with no padding took 10% longer than the padded one), not a tree
-    (its chunk is one mask), and a model whose attention can be routed."""
-    ragged = num_real is not None and sum(num_real) <= PACK_BELOW * len(num_real) * width
-    return ragged and tree is None and supports_cascade(model)
+    """Whether forward_slots runs these rows packed (packing.py): ragged enough to pay for it,
+    not a tree (its chunk is one mask), and a model whose attention can be routed."""
+    return num_real is not None and ragged(num_real, width) and tree is None and supports_cascade(model)
 
 
 def forward_size(model, num_real: list[int], width: int, tree=None) -> int:
@@ -64,15 +56,15 @@ def forward_slots(
     device = input_ids.device
     if packed is None:
         packed = packs(model, num_real, width, tree)
-    packing = Packing.of(num_real or [width] * batch, width, device) if packed else None
-    position_ids, visible, key_positions = cache.bind(slots, width, num_real, tree, packing is not None)
+    packed_rows = packing.Packing.of(num_real or [width] * batch, width, device) if packed else None
+    position_ids, visible, key_positions = cache.bind(slots, width, num_real, tree, packed)
     mask = layout.masks(visible, position_ids, key_positions, dtype)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:  # only padded queries can reach past the context; keep them in range
         position_ids = position_ids.clamp(max=max_positions - 1)
     extra, attention = {}, nullcontext()
     groups = cache.prefix_groups(slots)
-    if groups or packing is not None:
+    if groups or packed:
         prefill_prefixes(model, [p for _, p in groups if model not in p.kv])
         # Packed, every forward's attention goes through cascade attention (with no prefix where
         # none is read): it keeps soft-capping and sinks, which SDPA would drop.
@@ -81,16 +73,15 @@ def forward_slots(
             position_ids,
             layout.windows,
         )
-        attention = cascade_attention_on(model)
-    if packing is not None:
-        extra["specbatch_packing"] = packing
-        input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids)
+        attention = attention_implementation(model, (packing if packed else cascade_attention).register())
+    if packed:
+        extra["specbatch_packing"] = packed_rows
+        input_ids, position_ids = packed_rows.pack(input_ids), packed_rows.pack(position_ids)
         if logits_at is not None:  # the packed places of each row's wanted columns (a padded column: its last real token)
             last = torch.tensor(num_real, device=device)[:, None] - 1
             columns = torch.minimum(logits_at.to(device)[None, :], last)  # [batch, n]
             rows = torch.arange(batch, device=device)[:, None] * width
-            logits_at = torch.searchsorted(packing.index, (rows + columns).flatten())
-        attention = attention_implementation(model, register())
+            logits_at = torch.searchsorted(packed_rows.index, (rows + columns).flatten())
     with attention:
         out = model(
             input_ids=input_ids,
@@ -101,11 +92,11 @@ def forward_slots(
             **{cache_argument(model): cache},
             **extra,
         )
-    if packing is None:
+    if not packed:
         return out.logits
     if logits_at is not None:  # [1, batch * n, vocab]
         return out.logits.view(batch, -1, out.logits.shape[-1])
-    return packing.unpack(out.logits)
+    return packed_rows.unpack(out.logits)
 
 
 def last_logits(model, cache: SlotKVCache, slots: list[int], seqs: list[list[int]]) -> torch.Tensor:

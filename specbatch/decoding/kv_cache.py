@@ -159,17 +159,17 @@ class SlotKVCache:
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         rows = self._slots[:, None].expand_as(self._write_pos)  # [batch, q_len]
         key, value = key.transpose(1, 2), value.transpose(1, 2)  # [batch, q_len, heads, dim]
-        if self._packed:  # [1, T, heads, dim]: the real tokens, row after row
-            real = self._real if self._real is not None else torch.ones_like(rows, dtype=torch.bool)
-            k_cache[rows[real], :, self._write_pos[real]] = key[0].to(k_cache.dtype)
-            v_cache[rows[real], :, self._write_pos[real]] = value[0].to(v_cache.dtype)
-        elif self._real is None:
+        if self._real is None and not self._packed:
             k_cache[rows, :, self._write_pos] = key.to(k_cache.dtype)
             v_cache[rows, :, self._write_pos] = value.to(v_cache.dtype)
-        else:
-            real = self._real
-            k_cache[rows[real], :, self._write_pos[real]] = key[real].to(k_cache.dtype)
-            v_cache[rows[real], :, self._write_pos[real]] = value[real].to(v_cache.dtype)
+        else:  # the real tokens only; packed keys ([1, T, heads, dim]) are those already, row after row
+            real = self._real if self._real is not None else torch.ones_like(rows, dtype=torch.bool)
+            if self._packed:
+                key, value = key[0], value[0]
+            else:
+                key, value = key[real], value[real]
+            k_cache[rows[real], :, self._write_pos[real]] = key.to(k_cache.dtype)
+            v_cache[rows[real], :, self._write_pos[real]] = value.to(v_cache.dtype)
         if self._slots_lead:
             n = len(self._slots)
             return k_cache[:n, :, : self._kv_len], v_cache[:n, :, : self._kv_len]
