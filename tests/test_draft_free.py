@@ -11,7 +11,7 @@ import torch
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import verifier as verifier_module
 from specbatch.decoding.cost_model import StepMeasurement
-from specbatch.decoding.draft_policy import Choice, FixedPolicy, GoodputPolicy
+from specbatch.decoding.draft_policy import BatchView, Choice, FixedPolicy, GoodputPolicy
 from specbatch.decoding.layerskip import default_layers, skip_layers_view
 from specbatch.decoding.lookahead import LookaheadProposer
 from specbatch.decoding.methods import make_speculation
@@ -204,9 +204,10 @@ def test_greedy_layerskip_and_auto_equal_plain_decoding(batch_size):
             assert min(proposer.tried.values()) >= 1 and len(methods) >= 3
 
 
-def auto_steps(policy: GoodputPolicy, batch: int, steps: int, target_cost, arms: dict, share=None) -> list[str]:
+def auto_steps(policy: GoodputPolicy, batch: int, steps: int, target_cost, arms: dict, share=None, shadowed=()) -> list[str]:
     """Synthetic steps of a policy over arms: name -> (acceptance, proposing seconds per row).
-    Returns the arm each step ran ("ar" for plain)."""
+    Arms in `shadowed` are scored by shadow drafts of K tokens in every row of every step they do
+    not run (engine.py). Returns the arm each step ran ("ar" for plain)."""
     rng = np.random.default_rng(0)
     policy.bind(list(arms), lambda arm, k: 24 if arm == "wide" else k, share)
     chosen = []
@@ -218,7 +219,14 @@ def auto_steps(policy: GoodputPolicy, batch: int, steps: int, target_cost, arms:
         width = 1 + (policy.costs.chunk.get((choice.arm, choice.k), choice.k) if choice.k else 0)
         target = target_cost(batch * width)
         propose = batch * host if choice.k else 0.0
-        policy.observe(StepMeasurement(choice.arm, choice.k, ks, accepted, batch * width, target, propose, step_seconds=target + propose))
+        shadows = {}
+        for arm in shadowed:
+            if arm != choice.arm or not choice.k:
+                runs = [int(min(policy.max_k, rng.geometric(1 - arms[arm][0]) - 1)) for _ in range(batch)]
+                shadows[arm] = (sum(runs), sum(n < policy.max_k for n in runs))
+        policy.observe(
+            StepMeasurement(choice.arm, choice.k, ks, accepted, batch * width, target, propose, step_seconds=target + propose, shadows=shadows)
+        )
         chosen.append(choice.arm if choice.k else "ar")
     return chosen
 
@@ -246,6 +254,59 @@ def test_auto_never_runs_an_arm_predicted_slower_than_plain():
     # the negative control: cheap verification, the same arms: drafting wins and is chosen
     flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
     assert auto_steps(GoodputPolicy(max_k=4), 32, 300, flat, arms)[100:].count("ar") < 10
+
+
+def test_an_arm_scored_by_shadow_drafts_runs_where_it_pays_and_is_never_probed():
+    """Shadow drafts score the n-gram arm every step it sits out: where its acceptance cannot pay
+    it stops running as soon as the scores outweigh the prior acceptance, and is never probed
+    after; where it pays it runs. The negative control, the same poor arm unscored, is probed
+    again and again."""
+    flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
+    poor = auto_steps(GoodputPolicy(max_k=4), 2, 300, flat, {"ngram": (0.05, 0.0)}, shadowed=["ngram"])
+    assert poor[10:].count("ngram") == 0
+    unscored = auto_steps(GoodputPolicy(max_k=4), 2, 300, flat, {"ngram": (0.05, 0.0)})
+    assert unscored[10:].count("ngram") >= 3
+    good = auto_steps(GoodputPolicy(max_k=4), 2, 300, flat, {"ngram": (0.8, 0.0)}, shadowed=["ngram"])
+    assert good[50:].count("ngram") >= 240
+
+
+def cohort_steps(acceptance: float, desync: float, apart: int = 0, steps: int = 120, batch: int = 8) -> list[str]:
+    """Steps of a one-arm policy on cheap verification, the arm scored by shadow drafts. For the
+    first `apart` steps the rows already finish apart; then they form a cohort whose rows would
+    be made to finish apart by drafting (view.desync). Returns each step's arm."""
+    flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
+    policy = GoodputPolicy(max_k=4)
+    policy.bind(["ngram"], lambda arm, k: k)
+    policy.prefilled(batch * 40, flat(batch * 40))  # the target seen at a second size: no opening probe
+    rng = np.random.default_rng(1)
+    chosen = []
+    for step in range(steps):
+        view = BatchView(context_tokens=400, remaining_tokens=100_000, desync=desync if step >= apart else 0.0)
+        choice = policy.choose(batch, view)
+        runs = [int(min(4, rng.geometric(1 - acceptance) - 1)) for _ in range(batch)]
+        shadows = {} if choice.k else {"ngram": (sum(runs), sum(n < 4 for n in runs))}
+        accepted = [min(n, choice.k) for n in runs] if choice.k else [0] * batch
+        width = 1 + choice.k
+        policy.observe(
+            StepMeasurement(choice.arm, choice.k, [choice.k] * batch, accepted, batch * width, flat(batch * width), step_seconds=flat(batch * width), shadows=shadows)
+        )
+        chosen.append(choice.arm if choice.k else "ar")
+    return chosen
+
+
+def test_a_cohort_is_broken_only_by_measured_drafting_that_keeps_paying():
+    """Rows that would finish together lose a share of every later step once drafting ends them
+    apart (desync). An arm known only from its shadow drafts, its steps never measured, does not
+    break a cohort however well it would accept (its control: rows already apart, it drafts). One
+    measured while the rows were apart keeps drafting in the cohort only where it saves more than
+    that share: at 30% a step it stops, though it beats a plain step by the margin; at 70% it
+    goes on."""
+    assert cohort_steps(acceptance=0.8, desync=0.0)[20:].count("ngram") >= 90
+    assert "ngram" not in cohort_steps(acceptance=0.8, desync=0.4)
+    weak = cohort_steps(acceptance=0.3, desync=0.4, apart=40)
+    assert weak[10:40].count("ngram") >= 25 and "ngram" not in weak[50:]
+    strong = cohort_steps(acceptance=0.8, desync=0.4, apart=40)
+    assert strong[40:].count("ngram") >= 75
 
 
 def opening_steps(policy: GoodputPolicy, steps: int, matches_from: dict, acceptance: float) -> list[Choice]:
@@ -337,3 +398,90 @@ def test_rows_of_one_step_draft_what_the_policy_gives_each_and_verify_packed():
     assert max(rows[1][1] for rows in policy.records[:together]) == 0  # trials of row 1: it never drafted
     assert max(rows[0][1] for rows in policy.records[:together]) > 0
     assert (1, 4 + 1 + 1 + 1) in sizes  # row 0's draft and three last tokens, packed
+
+
+def test_the_lookup_index_finds_what_a_scan_of_the_row_finds():
+    """The per-slot index grows with the row and answers as a scan backwards through it would:
+    the most recent earlier occurrence of the longest tail; a new request in the slot is
+    indexed afresh."""
+
+    def scan(seq, k):
+        for n in range(min(3, len(seq) - 1), 0, -1):
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start : start + n] == seq[-n:]:
+                    return seq[start + n : start + n + k]
+        return None
+
+    rng = np.random.default_rng(5)
+    proposer = NgramProposer(table_size=0)
+    proposer.start(num_slots=1, capacity=0)
+    compared = 0
+    for _ in range(50):
+        proposer.admit(0, None)
+        seq = rng.integers(0, 5, size=int(rng.integers(1, 5))).tolist()
+        for _ in range(30):
+            expected = scan(seq, 4)
+            assert proposer.shadow(0, seq, 4) == (expected or [])
+            compared += expected is not None
+            seq = seq + rng.integers(0, 5, size=int(rng.integers(1, 4))).tolist()
+    assert compared > 1000
+
+
+class PlainWithShadows(RoundRobin):
+    """Every step plain, the n-gram arm scored by shadow drafts of k tokens."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.shadow_k = k
+        self.scored = (0, 0)
+
+    def expect_shadows(self, arms) -> None:
+        assert arms == ["ngram"]
+
+    def choose(self, batch_size: int, view=None) -> Choice:
+        return Choice("ar", 0)
+
+    def observe(self, measurement) -> None:
+        accepted, rejections = measurement.shadows.get("ngram", (0, 0))
+        self.scored = (self.scored[0] + accepted, self.scored[1] + rejections)
+
+
+def shadow_scores(prompt: list[int], output: list[int], k: int, limit: int) -> tuple[int, int]:
+    """(accepted, first rejections) of one row's shadow drafts, scored from its whole output as
+    the engine scores them step by step: one pending at a time, the first made after the first
+    decode step, each new one made in the step that resolves the last."""
+    lookup = NgramProposer(table_size=0)
+    lookup.start(num_slots=1, capacity=0)
+    accepted = rejections = 0
+    at = 2
+    while at < len(output):
+        draft = lookup.shadow(0, prompt + output[:at], min(k, limit - at))
+        if not draft:
+            at += 1
+            continue
+        emitted = output[at : at + len(draft)]
+        matched = next((i for i, (d, t) in enumerate(zip(draft, emitted)) if d != t), len(emitted))
+        accepted += matched
+        rejections += matched < len(emitted)
+        at += matched + 1 if matched < len(emitted) else len(draft)
+    return accepted, rejections
+
+
+def test_shadow_drafts_score_each_row_from_what_it_emits_without_drafting(monkeypatch):
+    """With every step plain, the n-gram arm's shadow drafts are scored against the tokens each
+    row emits: the totals the policy receives are what scoring each row's output alone gives,
+    copying rows accept most of theirs, and nothing is drafted."""
+    from specbatch.decoding import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SHADOW_BUDGET", 1e9)  # score every row at every step
+    model = tiny_llama(seed=4, layers=2)
+    prompts = repetitive_prompts(6, seed=7) + random_prompts(4, seed=30)
+    requests = [GenerationRequest(str(i), p, 16) for i, p in enumerate(prompts)]
+    reference = run(model, requests, 4)
+    policy = PlainWithShadows(3)
+    results = run(model, requests, 4, NgramProposer(table_size=0), policy)
+    assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
+    assert all(s.drafted == 0 and s.method == "ar" for r in results for s in r.steps)
+    scores = [shadow_scores(q.prompt_ids, r.completion_ids, 3, q.max_new_tokens) for q, r in zip(requests, results)]
+    assert policy.scored == tuple(map(sum, zip(*scores)))
+    assert policy.scored[0] > policy.scored[1] > 0

@@ -105,16 +105,19 @@ def test_the_cost_of_rows_finishing_apart_while_they_still_finish_together():
     s = job(24, 32)
     assert s.desync_cost() == 0.0  # nothing decodes yet
     s.admit()
-    assert s.desync_cost() == pytest.approx(2 / 8)  # (1 + 1) / sqrt(2 * 32)
+    assert s.desync_cost() == pytest.approx(7 / 32)  # 7 more prefills a wave, under (1 + 1) / sqrt(2 * 32)
     long = job(96, 128, slots=32)
     long.admit()
     assert long.desync_cost() == pytest.approx(2 / 16)  # long rows: refills are rarer
     few = job(24, 128)
     few.admit()
-    assert few.desync_cost() == pytest.approx(8 / 128)  # 8 rows: at most 8 prefills a wave
+    assert few.desync_cost() == pytest.approx(7 / 128)  # 8 rows: at most 7 more prefills a wave
+    alone = job(24, 32, slots=1)
+    alone.admit()
+    assert alone.desync_cost() == 0.0  # a batch of one takes a prefill a row anyway
     eager = job(24, 32, admit_wait=0.0)
     eager.admit()
-    assert eager.desync_cost() == pytest.approx(8 / 32)  # a prefill for every row
+    assert eager.desync_cost() == pytest.approx(7 / 32)  # a prefill for every row
     s.finish(3)
     waited = 0
     while not s.admit():  # one free slot waits 8 slot-steps, then goes alone

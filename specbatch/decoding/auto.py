@@ -27,6 +27,9 @@ class ArmSet:
         self.last_forwards: list[tuple[int, int, float]] = []  # of the last proposal, whichever arm made it
         self.tried: dict[str, int] = {n: 0 for n in self.names}  # steps each arm drafted
         self.scratch_positions = max(p.scratch_positions for p in self.arms.values())
+        # Arms that can say what they would draft without drafting (a lookup, no model): the
+        # engine scores that against what rows emit (engine.py, "Shadow drafts").
+        self.shadowable = [n for n, p in self.arms.items() if hasattr(p, "shadow")]
 
     @classmethod
     def of(cls, proposer) -> ArmSet:
@@ -73,6 +76,9 @@ class ArmSet:
         self.last_forwards = self.arms[arm].last_forwards
         self.tried[arm] += 1
         return draft
+
+    def shadow(self, arm: str, slot: int, seq: list[int], k: int) -> list[int]:
+        return self.arms[arm].shadow(slot, seq, k)
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int], logits=None) -> None:
         if self.chosen is not None:

@@ -18,7 +18,9 @@ seconds (`prefilled`). From them the model keeps:
                           slots: a row frees its slot after so many tokens, whatever drafted them,
                           so this is a cost of every token, and a draft step's gain over a plain
                           step is smaller than their steps alone say
-    acceptance[arm]       per-token acceptance: accepted / (accepted + first rejections)
+    acceptance[arm]       per-token acceptance: accepted / (accepted + first rejections), of the
+                          arm's steps and of its shadow drafts (what it would have drafted, scored
+                          against what the rows emitted: engine.py)
 
 Seconds are means of recent values without stalls (Recent).
 
@@ -188,6 +190,7 @@ class StepMeasurement:
     propose_seconds: float = 0.0  # the proposer's wall time, its model forwards included
     draft_forwards: list[tuple[int, int, float]] = field(default_factory=list)  # (rows, tokens, seconds) of each
     step_seconds: float = 0.0  # the whole step
+    shadows: dict = field(default_factory=dict)  # arm -> (accepted, first rejections) of shadow drafts scored (engine.py)
 
 
 @dataclass
@@ -211,6 +214,7 @@ class CostModel:
     _bias: dict = field(default_factory=dict)  # arm -> decayed (seconds taken, seconds predicted, steps)
     _accepted: dict = field(default_factory=dict)  # arm -> decayed accepted drafts
     _trials: dict = field(default_factory=dict)  # arm -> decayed accepted drafts + first rejections
+    _shadowed: set = field(default_factory=set)  # arms with shadow drafts scored
 
     def acceptance(self, arm: str) -> float:
         """Per-token acceptance: accepted / (accepted + first rejections), a geometric-run estimate."""
@@ -220,6 +224,17 @@ class CostModel:
 
     def measured(self, arm: str) -> bool:
         return self._trials.get(arm, 0.0) > 0
+
+    def shadowed(self, arm: str) -> bool:
+        """Its acceptance is learned from shadow drafts, whether it runs or not."""
+        return arm in self._shadowed
+
+    def expect_shadows(self, arm: str) -> None:
+        self._shadowed.add(arm)
+
+    def _count(self, arm: str, accepted: int, rejections: int, decay: float) -> None:
+        self._accepted[arm] = decay * self._accepted.get(arm, 0.0) + accepted
+        self._trials[arm] = decay * self._trials.get(arm, 0.0) + accepted + rejections
 
     def expected_tokens(self, arm: str, k: int, acceptance: float | None = None) -> float:
         """Tokens a row emits in a step that asks for k drafts: accepted drafts plus the target's
@@ -279,6 +294,10 @@ class CostModel:
     def _goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
         return batch * self.expected_tokens(arm, k, acceptance) / max(self.seconds(arm, batch, k), 1e-12)
 
+    def has_bias(self, arm: str) -> bool:
+        """Steps of the arm have been measured against their prediction (calibrate)."""
+        return arm in self._bias
+
     def bias(self, arm: str) -> float:
         """Seconds the arm's recent steps took over the seconds predicted for the tokens they
         emitted (1: as predicted), drawn toward 1 by a prior of two steps."""
@@ -314,6 +333,9 @@ class CostModel:
             self._calibrate(arm, k, batch, sum(m.num_accepted) + batch, m.step_seconds - opening)
         self.target.add(m.target_tokens, m.target_seconds)
         self._emitted(sum(m.num_accepted) + batch)
+        for shadow, (accepted, rejections) in m.shadows.items():  # decayed once a step, as a step that ran it
+            self._shadowed.add(shadow)
+            self._count(shadow, accepted, rejections, 1.0 if shadow == arm else self.acceptance_decay)
         if m.step_seconds and grid:
             remember(self.step, (arm, batch, k), m.step_seconds - catch_up, 1024)
             rest = m.step_seconds - m.target_seconds - m.propose_seconds
@@ -337,8 +359,7 @@ class CostModel:
             emitted, rows = self.tokens.get((arm, k), (0.0, 0.0))
             self.tokens[arm, k] = (d * emitted + accepted + batch, d * rows + batch)
         rejections = sum(1 for n, a in zip(m.num_draft, m.num_accepted) if n and a < n)
-        self._accepted[arm] = d * self._accepted.get(arm, 0.0) + accepted
-        self._trials[arm] = d * self._trials.get(arm, 0.0) + accepted + rejections
+        self._count(arm, accepted, rejections, d)
 
     def prefilled(self, tokens: int, seconds: float) -> None:
         """A prefill forward over `tokens` (rows x padded width) took `seconds`. It shows the target's

@@ -24,8 +24,11 @@ every method that applies).
 Drafting's costs beyond its own steps are the scheduler's to see, so the engine passes a
 BatchView before each step. Where the batch's rows will finish in one step and be refilled in one
 prefill (one cohort, one token limit, requests waiting), drafting ends them apart for the rest of
-the job (Scheduler.desync_cost): drafting must gain that on top of the margin, and so must what a
-probe might find. On the CPU bench (independent prompts, batch 8, 32-token rows) 3-5 probes and
+the job (Scheduler.desync_cost): a share of every step from here on, which only the steps that
+draft pay back. So the cohort is broken only once drafting has been predicted to save more than
+that share of the recent steps' time (`saving`: a decayed mean over steps, 0 for each step where
+plain won), not for one step that would gain it, and only by an arm whose predictions have been
+checked against its steps; what a probe might find must gain it on top of the margin. On the CPU bench (independent prompts, batch 8, 32-token rows) 3-5 probes and
 5-16 drafting steps took a job from 8 prefill forwards to 19 and to 0.77-0.87x of plain decoding,
 though the drafting steps themselves measured about plain's goodput. A probe of a draft model
 first feeds it every row's context; on a short job that never pays (`_worth`).
@@ -37,6 +40,10 @@ arm that ran (and whose chunk is its draft: lookahead's window is one tree forwa
 as a plan: each row drafts the length its own record of acceptance with that arm pays for (the
 engine keeps one per request and passes them in the view), and the plan runs where it beats
 plain by the margin and every step that drafts K in all rows (`_plan`).
+
+An arm that can shadow (n-gram lookup: engine.py, "Shadow drafts") is never probed: its acceptance,
+each row's included, is scored every step from what it would have drafted, so it runs where
+that acceptance pays and sits out, at no cost, where it does not.
 
 Exploration is priced, not scheduled. Costs are shared: the target's forward costs the same
 whoever proposed, so a plain step teaches what a draft step's verification will cost. An arm
@@ -126,6 +133,7 @@ class GoodputPolicy:
     recheck_after: int = 4  # plain steps at a batch size before drafting is weighed there again
     probe_payoff: float = 0.25  # a probe's draft prefill must cost under this share of the gain it might find
     row_prior: float = 2.0  # trials of the arm's acceptance a row's own record starts from
+    shadows: bool = True  # learn acceptance from shadow drafts where an arm can give them (engine.py)
     costs: CostModel = field(default_factory=CostModel)
     arms: list[str] = field(default_factory=list)
     _steps: int = 0
@@ -135,7 +143,9 @@ class GoodputPolicy:
     _opening: int = 0  # opening probes that drafted nothing
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
-    _margin: float = 0.0  # the gain over plain this step's drafting must predict: switch_margin, and the desync a view shows
+    _margin: float = 0.0  # the gain over plain this step's drafting must predict
+    saving_decay: float = 0.9  # per step: the saving below remembers about the last ten steps
+    saving: float = 0.0  # decayed share of each recent step's time that drafting was predicted to save (0: plain won)
     _settled: dict = field(default_factory=dict)  # batch size -> the step before which it stays plain unweighed
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
     _planned: tuple[float, float] | None = None  # this step's plan: (tokens, seconds) predicted
@@ -155,6 +165,16 @@ class GoodputPolicy:
                     self.costs.chunk.setdefault((arm, k), chunk(arm, k))
             if share is not None:
                 self.costs.share.setdefault(arm, share(arm))
+
+    def expect_shadows(self, arms: list[str]) -> None:
+        """The engine scores these arms by shadow drafts: none is probed, even before its first score."""
+        for arm in arms:
+            self.costs.expect_shadows(arm)
+
+    @property
+    def shadow_k(self) -> int:
+        """Tokens the engine's shadow drafts ask for: what a step may draft (0: none)."""
+        return self.max_k if self.shadows else 0
 
     @property
     def candidate_ks(self) -> list[int]:
@@ -191,31 +211,47 @@ class GoodputPolicy:
         if self._steps < self._settled.get(batch_size, 0):
             # Plain won here a step or two ago: the costs move slowly, and weighing every arm and
             # K took 0.1 ms a step, 2% of a plain step at batch 1 on the CPU.
+            self.saving *= self.saving_decay
             return PLAIN_STEP
-        # Rows that finish together and are refilled in one prefill would be made to finish apart
-        # for the rest of the job (Scheduler.desync_cost): drafting must gain that as well.
-        self._margin = self.switch_margin + (view.desync if view is not None else 0.0)
+        self._margin = self.switch_margin
+        desync = view.desync if view is not None else 0.0
         plain = self.costs.goodput(PLAIN, batch_size, 0)
         rate, choice = self._best_or_plain(batch_size, self.arms, plain)
-        if not choice.plain and not self.costs.measured(choice.arm):
+        if not choice.plain and not self.costs.measured(choice.arm) and not self.costs.shadowed(choice.arm):
             # Never run: its predicted gain rests on the prior acceptance. Trying it is exploration,
             # a short probe within the budget, like any probe (an n-gram arm's first try on sampled
             # text yielded a third of its prediction).
             if self._within_budget and self._worth(choice.arm, rate, plain, view):
                 return self._probe(choice.arm, choice.k)
             rate, choice = self._best_or_plain(batch_size, [a for a in self.arms if self.costs.measured(a)], plain)
+        elif not choice.plain and not self.costs.measured(choice.arm):  # its shadow drafts are not scored yet
+            rate, choice = plain, PLAIN_STEP
         if batch_size > 1 and view is not None and view.rows is not None:
             rate, choice = self._plan(batch_size, view.rows, rate, choice, plain)
+        d = self.saving_decay
+        self.saving = d * self.saving + (1 - d) * (0.0 if choice.plain else 1 - plain / rate)
+        gated = not choice.plain and desync > 0 and (desync > self.saving or not self.costs.has_bias(choice.arm))
+        if gated:
+            # Rows that finish together and are refilled in one prefill would be made to finish
+            # apart for the rest of the job (Scheduler.desync_cost): a share of every step from
+            # here on, paid back only by the steps that draft. It waits until drafting has saved
+            # more than that share of recent steps (drafting now and then breaks the cohort and
+            # pays for little of it), and never rests on an arm whose steps were never measured
+            # against their prediction (a shadow-scored arm's acceptance is known, its cost in a
+            # packed step is not: the first plans at batch 32 took 1.5-2x their prediction).
+            rate, choice = plain, PLAIN_STEP
+            self._planned = None
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well
-            if arm == choice.arm or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
+            if arm == choice.arm or self.costs.shadowed(arm) or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
                 continue
             if not self._within_budget:
                 break
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
-            if hope >= (1 + self._margin) * rate and self._worth(arm, hope, rate, view):
+            if hope >= (1 + self._margin + desync) * rate and self._worth(arm, hope, rate, view):
                 return self._probe(arm, self.max_k)
         if choice.plain:
-            self._settled[batch_size] = self._steps + self.recheck_after
+            if not gated:  # plain won on its own: weighed again in a few steps
+                self._settled[batch_size] = self._steps + self.recheck_after
             return choice
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP

@@ -11,6 +11,16 @@ wait in a queue; whenever slots are free, waiting requests are admitted and pref
     commit 1 + n_b positions of row b          # rejected positions are simply not committed
     policy.observe(StepMeasurement(...))       # what the step cost and yielded (cost_model.py)
 
+Shadow drafts: an arm that can say what it would draft without drafting (n-gram lookup: a few dict
+lookups, no model; Proposer.shadow) does so for rows it is not drafting for, and the tokens the
+row then emits score it as a verification would: the draft's first tokens that match, then a
+first mismatch. A greedy verification accepts exactly the matching prefix; a sampled one accepts
+a one-hot draft token with probability p(d), the chance that a plain step samples d, so the
+matched length has the distribution the accepted length would have. Each request's record and
+the arm's acceptance are then known without running the arm: a copying row is found the step its
+copying shows, and no probe is spent to learn that an arm would not pay. The lookups stay under
+SHADOW_BUDGET of the decoding time.
+
 A finished row frees its slot at once and the next waiting request takes it, so throughput holds
 when output lengths vary. Each row accepts its own number of tokens; its KV cache length and
 position ids are its own, so nothing drifts after ragged acceptance. A forward whose rows feed
@@ -46,6 +56,8 @@ from .scheduler import Scheduler
 from .shared_prefix import SharedPrefix
 from .verifier import verify, verify_tree
 
+SHADOW_BUDGET = 0.01  # shadow drafts may take at most this share of the decode steps' time
+
 
 @dataclass
 class _Row:
@@ -60,6 +72,7 @@ class _Row:
     done: bool = False
     tokens: list[int] = field(default_factory=list)  # emitted; the last is not yet in the target cache
     drafts: dict = field(default_factory=dict)  # arm -> decayed (accepted drafts, trials) of this request's steps
+    shadow: tuple[str, int, list[int]] | None = None  # a shadow draft pending: (arm, at len(tokens), its tokens)
 
     @property
     def seq(self) -> list[int]:
@@ -124,6 +137,11 @@ class Engine:
         self.stats = EngineStats()  # of the last generate() call
         self._sampling: tuple[list[tuple[int, int]], RowSampling] | None = None  # ((slot, request) per row, settings)
         self._step_cost = (0.0, 0.0)  # seconds of the last decode step, and a plain step's recently
+        self._shadow_k = getattr(policy, "shadow_k", 0)  # tokens a shadow draft asks for (0: none)
+        self._shadow_arms = self.proposer.shadowable if self.proposer is not None and self._shadow_k else []
+        if self._shadow_arms:
+            policy.expect_shadows(self._shadow_arms)
+        self._shadow_seconds = self._decode_seconds = 0.0
 
     @torch.inference_mode()
     def generate(
@@ -173,6 +191,7 @@ class Engine:
                 on_result(row.result)
 
         self._step_cost = (0.0, 0.0)
+        self._shadow_seconds = self._decode_seconds = 0.0
         while scheduler.has_work:
             admitted: list[_Row] = []
             last, plain = self._step_cost
@@ -308,7 +327,9 @@ class Engine:
             emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
             if self.proposer is not None:
                 r.result.steps.append(StepRecord(len(r.result.steps), wanted[b], num_draft[b], accepted, emitted, source))
+        shadows = self._shadows(rows, source, num_draft) if self._shadow_arms else {}
         seconds = time.perf_counter() - step_start
+        self._decode_seconds += seconds
         plain = self._step_cost[1]
         if not any(num_draft):  # what a plain step costs now, for the scheduler's weighing of empty slots
             plain = seconds if not plain else 0.8 * plain + 0.2 * seconds
@@ -326,9 +347,40 @@ class Engine:
                     propose_seconds=draft_seconds,
                     draft_forwards=self.proposer.last_forwards if draft is not None else [],
                     step_seconds=time.perf_counter() - step_start,
+                    shadows=shadows,
                 )
             )
         return [r for r in rows if r.done]
+
+    def _shadows(self, rows: list[_Row], source: str, num_draft: list[int]) -> dict[str, tuple[int, int]]:
+        """Score the rows' pending shadow drafts against what they emitted, and give rows without
+        one a new one (within SHADOW_BUDGET). A row that drafted with the arm this step has its
+        real record instead. Returns arm -> (accepted drafts, first rejections) scored this step."""
+        t0 = time.perf_counter()
+        scored: dict[str, tuple[int, int]] = {}
+        fresh = self._shadow_seconds <= SHADOW_BUDGET * self._decode_seconds
+        for b, r in enumerate(rows):
+            if r.shadow is not None:
+                arm, at, draft = r.shadow
+                emitted = r.tokens[at : at + len(draft)]
+                matched = next((i for i, (d, t) in enumerate(zip(draft, emitted)) if d != t), len(emitted))
+                if source == arm and num_draft[b]:
+                    r.shadow = None  # it drafted for real: its record has that
+                elif matched < len(emitted) or len(emitted) == len(draft) or r.done:
+                    rejected = matched < len(emitted)
+                    r.drafts[arm] = record_drafts(r.drafts.get(arm, (0.0, 0.0)), matched + rejected, matched)
+                    accepted, rejections = scored.get(arm, (0, 0))
+                    scored[arm] = (accepted + matched, rejections + rejected)
+                    r.shadow = None
+            if r.shadow is None and fresh and not r.done:
+                for arm in self._shadow_arms:
+                    if not (source == arm and num_draft[b]):
+                        draft = self.proposer.shadow(arm, r.slot, r.seq, min(self._shadow_k, r.remaining))
+                        if draft:
+                            r.shadow = (arm, len(r.tokens), draft)
+                            break
+        self._shadow_seconds += time.perf_counter() - t0
+        return scored
 
     def _emit(self, row: _Row, tokens: list[int]) -> int:
         """Append tokens to a row up to a stop (EOS, not emitted; the token limit; the context end).

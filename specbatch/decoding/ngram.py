@@ -10,6 +10,11 @@ verified, accepted or not (Token Recycling, Luo et al. 2024), chaining the top s
 
 Drafts are deterministic, so q is one-hot: the verifier accepts d with probability p(d) and on
 rejection samples from p with d removed, which keeps the target's distribution exactly.
+
+The lookup is an index per slot (each n-gram of the row's sequence -> its latest start, grown with
+the sequence), so a proposal costs a few dict lookups, not a scan of the row. It is cheap enough to
+run where the arm does not draft: `shadow` says what the arm would propose for a row, and the
+engine scores that against the tokens the row then emits (engine.py, "Shadow drafts").
 """
 
 from __future__ import annotations
@@ -40,16 +45,22 @@ class NgramProposer:
         self.scratch_positions = 0
         self._ingested: list[int] = []  # per slot: how much of its sequence the table has seen
         self._prompt_len: list[int] = []
+        self._index: list[dict] = []  # per slot: n-gram (a tuple) -> its latest start followed by a token
+        self._indexed: list[tuple[int, int]] = []  # per slot: (length, last token) of the sequence indexed
 
     def start(self, num_slots: int, capacity: int) -> None:
         self._ingested = [-1] * num_slots
         self._prompt_len = [0] * num_slots
+        self._index = [{} for _ in range(num_slots)]
+        self._indexed = [(0, -1)] * num_slots
 
     def admit(self, slot: int, prefix) -> None:
         self._ingested[slot] = -1
+        self.release(slot)
 
     def release(self, slot: int) -> None:
-        pass
+        self._index[slot] = {}
+        self._indexed[slot] = (0, -1)
 
     def _learn(self, slot: int, seq: list[int]) -> None:
         """Add the trigrams of the row's generated tokens (the target's own choices) to the table."""
@@ -61,12 +72,26 @@ class NgramProposer:
                 self.table[seq[i - 2], seq[i - 1]][seq[i]] += 1
         self._ingested[slot] = len(seq)
 
-    def _lookup(self, seq: list[int], k: int) -> list[int]:
+    def _grow(self, slot: int, seq: list[int]) -> dict:
+        """The slot's index, extended to every n-gram of seq that some token follows. A sequence
+        that is not the indexed one grown (a new request in the slot) is indexed afresh."""
+        length, last = self._indexed[slot]
+        if length > len(seq) or (length and seq[length - 1] != last):
+            self._index[slot], length = {}, 0
+        index = self._index[slot]
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            lo, hi = max(length - n, 0), len(seq) - n
+            if hi > lo:  # the n-grams starting in [lo, hi), in order: a later start overwrites
+                index.update(zip(zip(*(seq[lo + i : hi + i] for i in range(n))), range(lo, hi)))
+        self._indexed[slot] = (len(seq), seq[-1] if seq else -1)
+        return index
+
+    def _lookup(self, slot: int, seq: list[int], k: int) -> list[int]:
+        index = self._grow(slot, seq)
         for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
-            tail = seq[-n:]
-            for start in range(len(seq) - n - 1, -1, -1):  # most recent earlier occurrence first
-                if seq[start : start + n] == tail:
-                    return seq[start + n : start + n + k]
+            start = index.get(tuple(seq[-n:]))  # the most recent earlier occurrence
+            if start is not None:
+                return seq[start + n : start + n + k]
         out, a, b = [], seq[-2] if len(seq) > 1 else -1, seq[-1]
         while len(out) < k:
             if (a, b) in self.table:
@@ -84,7 +109,7 @@ class NgramProposer:
         drafts = []
         for slot, seq, k in zip(slots, seqs, num_draft):
             self._learn(slot, seq)
-            drafts.append(self._lookup(seq, k) if k else [])
+            drafts.append(self._lookup(slot, seq, k) if k else [])
         self._inputs = [[seq[-1]] + d for seq, d in zip(seqs, drafts)]
         width = max(len(d) for d in drafts)
         tokens = torch.zeros(len(slots), width, dtype=torch.long)
@@ -92,6 +117,11 @@ class NgramProposer:
             tokens[b, : len(d)] = torch.tensor(d, dtype=torch.long)
         self.seconds += time.perf_counter() - t0
         return Draft(tokens.to(sampling.device), [len(d) for d in drafts], probs=None)
+
+    def shadow(self, slot: int, seq: list[int], k: int) -> list[int]:
+        """What propose would draft for this row now, at most k tokens, without drafting."""
+        self._learn(slot, seq)
+        return self._lookup(slot, seq, k)
 
     def accepted(self, slots: list[int], seq_lens: list[int], num_accepted: list[int], logits=None) -> None:
         """Nothing to roll back (the table learns from emitted tokens, at the next propose); recycle

@@ -37,6 +37,9 @@ class Proposer(Protocol):
     # Optional: parameters and layers -> what a draft forward runs (a draft model's, the layers a
     # layer-skip view keeps); the cost model prices a draft forward not yet run by its share of
     # the target's. Model-free proposers have neither.
+    # Optional: shadow(slot, seq, k) -> the tokens propose would draft for that row now, without
+    # drafting; a deterministic proposer that needs no model (n-gram lookup) can say so for every
+    # row at every step, and the engine learns its acceptance from what the rows emit.
 
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""
