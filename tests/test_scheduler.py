@@ -114,7 +114,7 @@ def test_the_cost_of_rows_finishing_apart_while_they_still_finish_together():
     assert few.desync_cost() == pytest.approx(7 / 128)  # 8 rows: at most 7 more prefills a wave
     alone = job(24, 32, slots=1)
     alone.admit()
-    assert alone.desync_cost() == 0.0 and not alone.together()  # a batch of one takes a prefill a row anyway
+    assert alone.desync_cost() == 0.0  # a batch of one takes a prefill a row anyway
     eager = job(24, 32, admit_wait=0.0)
     eager.admit()
     assert eager.desync_cost() == pytest.approx(7 / 32)  # a prefill for every row
@@ -123,12 +123,12 @@ def test_the_cost_of_rows_finishing_apart_while_they_still_finish_together():
     while not s.admit():  # one free slot waits 8 slot-steps, then goes alone
         waited += 1
     assert waited == 8
-    assert len(set(s.cohort.values())) == 2 and s.desync_cost() == 0.0 and not s.together()  # already apart
+    assert len(set(s.cohort.values())) == 2 and s.desync_cost() == 0.0  # already apart
     last = job(8, 32)
     last.admit()
-    assert last.desync_cost() == 0.0 and last.together()  # nothing waits: no refill to split, yet they end together
+    assert last.desync_cost() == 0.0  # nothing waits: the job's end, no refill to split
     mixed = Scheduler(
         [GenerationRequest(str(i), [1, 2, 3], 16 + 16 * (i % 2)) for i in range(12)], [None] * 12, 4, 1000, 1.0
     )
     mixed.admit()
-    assert mixed.desync_cost() == 0.0 and not mixed.together()  # limits differ: they finish apart anyway
+    assert mixed.desync_cost() == 0.0  # limits differ: they finish apart anyway

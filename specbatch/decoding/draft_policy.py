@@ -27,10 +27,8 @@ prefill (one cohort, one token limit, requests waiting), drafting ends them apar
 the job (Scheduler.desync_cost): a share of every step from here on, which only the steps that
 draft pay back. So the cohort is broken only once drafting has been predicted to save more than
 that share of the recent steps' time (`saving`: a decayed mean over steps, 0 for each step where
-plain won), not for one step that would gain it. Rows that would finish together, queue or not
-(in the last wave the job ends with its slowest row), are made to finish apart only by an arm
-whose predictions have been checked against its steps; what a probe might find must gain the
-desync on top of the margin. On the CPU bench (independent prompts, batch 8, 32-token rows) 3-5 probes and
+plain won), not for one step that would gain it, and only by an arm whose predictions have been
+checked against its steps; what a probe might find must gain it on top of the margin. On the CPU bench (independent prompts, batch 8, 32-token rows) 3-5 probes and
 5-16 drafting steps took a job from 8 prefill forwards to 19 and to 0.77-0.87x of plain decoding,
 though the drafting steps themselves measured about plain's goodput. A probe of a draft model
 first feeds it every row's context; on a short job that never pays (`_worth`).
@@ -97,7 +95,6 @@ class BatchView:
     remaining_tokens: int  # tokens the job may still emit: the rows' limits and the waiting requests'
     desync: float = 0.0  # share of the job's time rows made to finish apart would cost (Scheduler.desync_cost)
     rows: list[dict] | None = None  # per row: arm -> its decayed (accepted drafts, trials), as CostModel.acceptance counts
-    together: bool = False  # the rows would finish in one step decoding plainly (Scheduler.together)
 
 
 class FixedPolicy:
@@ -233,18 +230,15 @@ class GoodputPolicy:
             rate, choice = self._plan(batch_size, view.rows, rate, choice, plain)
         d = self.saving_decay
         self.saving = d * self.saving + (1 - d) * (0.0 if choice.plain else 1 - plain / rate)
-        together = view is not None and view.together
-        gated = not choice.plain and (desync > self.saving or together and not self.costs.has_bias(choice.arm))
+        gated = not choice.plain and desync > 0 and (desync > self.saving or not self.costs.has_bias(choice.arm))
         if gated:
             # Rows that finish together and are refilled in one prefill would be made to finish
             # apart for the rest of the job (Scheduler.desync_cost): a share of every step from
             # here on, paid back only by the steps that draft. It waits until drafting has saved
             # more than that share of recent steps (drafting now and then breaks the cohort and
-            # pays for little of it). Nor are rows that would finish together (with or without a
-            # queue: in the last wave the job ends with its slowest row) made to finish apart on
-            # the word of an arm whose steps were never measured against their prediction (a
-            # shadow-scored arm's acceptance is known, its cost in a packed step is not: the
-            # first plans at batch 32 took 1.5-2x their prediction).
+            # pays for little of it), and never rests on an arm whose steps were never measured
+            # against their prediction (a shadow-scored arm's acceptance is known, its cost in a
+            # packed step is not: the first plans at batch 32 took 1.5-2x their prediction).
             rate, choice = plain, PLAIN_STEP
             self._planned = None
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well

@@ -105,13 +105,6 @@ class Scheduler:
             admitted.append(Admission(index, request, slot, key, new))
         return admitted
 
-    def together(self) -> bool:
-        """Whether the batch's rows (two or more) were admitted in one prefill with one token
-        limit: decoding plainly they finish in the same step."""
-        if len(self.active) < 2 or len(set(self.cohort[s] for s in self.active)) != 1:
-            return False
-        return len({self.requests[i].max_new_tokens for i in self.active.values()}) == 1
-
     def desync_cost(self) -> float:
         """The share of the job's time lost from here on if the batch's rows, now one cohort of
         one token limit L with requests waiting, were made to finish apart; 0 where they will not
@@ -122,9 +115,12 @@ class Scheduler:
         (L = 32, a = 1, batch 8: 25% by this estimate) six drafting steps early in an otherwise
         plain job made it 7% slower (15 prefills against 8); drafting now and then throughout,
         15-30% (19 prefills)."""
-        if not self.waiting or not self.together():
+        if not self.waiting or len(set(self.cohort[s] for s in self.active)) != 1:
             return 0.0
-        wave, a = self.requests[next(iter(self.active.values()))].max_new_tokens, self.admit_wait
+        limits = {self.requests[i].max_new_tokens for i in self.active.values()}
+        if len(limits) != 1:
+            return 0.0
+        wave, a = limits.pop(), self.admit_wait
         every_row = (len(self.active) - 1) / wave  # a batch of one takes a prefill a row anyway
         return min(every_row, (1 + a) / math.sqrt(2 * a * wave)) if a > 0 else every_row
 
