@@ -28,8 +28,9 @@ the job (Scheduler.desync_cost): a share of every step from here on, which only 
 draft pay back. So the cohort is broken only once drafting has been predicted to save more than
 that share of the recent steps' time (`saving`: a decayed mean over steps, 0 for each step where
 plain won), not for one step that would gain it, and only by an arm whose predictions have been
-checked against its steps; what a probe might find must gain it on top of the margin. On the CPU bench (independent prompts, batch 8, 32-token rows) 3-5 probes and
-5-16 drafting steps took a job from 8 prefill forwards to 19 and to 0.77-0.87x of plain decoding,
+checked against its steps; what a probe might find must gain it on top of the margin. On the CPU
+bench (independent prompts, batch 8, 32-token rows) 3-5 probes and 5-16 drafting steps took a
+job from 8 prefill forwards to 19 and to 0.77-0.87x of plain decoding,
 though the drafting steps themselves measured about plain's goodput. A probe of a draft model
 first feeds it every row's context; on a short job that never pays (`_worth`).
 

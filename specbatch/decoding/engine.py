@@ -360,13 +360,14 @@ class Engine:
         scored: dict[str, tuple[int, int]] = {}
         fresh = self._shadow_seconds <= SHADOW_BUDGET * self._decode_seconds
         for b, r in enumerate(rows):
+            drafted = source if num_draft[b] else None  # the arm this row drafted with for real
+            if r.shadow is not None and r.shadow[0] == drafted:
+                r.shadow = None  # its record has the real drafts
             if r.shadow is not None:
                 arm, at, draft = r.shadow
                 emitted = r.tokens[at : at + len(draft)]
                 matched = next((i for i, (d, t) in enumerate(zip(draft, emitted)) if d != t), len(emitted))
-                if source == arm and num_draft[b]:
-                    r.shadow = None  # it drafted for real: its record has that
-                elif matched < len(emitted) or len(emitted) == len(draft) or r.done:
+                if matched < len(emitted) or len(emitted) == len(draft) or r.done:
                     rejected = matched < len(emitted)
                     r.drafts[arm] = record_drafts(r.drafts.get(arm, (0.0, 0.0)), matched + rejected, matched)
                     accepted, rejections = scored.get(arm, (0, 0))
@@ -374,7 +375,7 @@ class Engine:
                     r.shadow = None
             if r.shadow is None and fresh and not r.done:
                 for arm in self._shadow_arms:
-                    if not (source == arm and num_draft[b]):
+                    if arm != drafted:
                         draft = self.proposer.shadow(arm, r.slot, r.seq, min(self._shadow_k, r.remaining))
                         if draft:
                             r.shadow = (arm, len(r.tokens), draft)

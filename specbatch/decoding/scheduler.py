@@ -111,10 +111,10 @@ class Scheduler:
         finish together anyway. Rows ending evenly over a wave of L steps free slots at B / L a
         step, and a prefill goes once t^2 B / (2L) empty slot-steps reach the patience a B: every
         sqrt(2aL) steps, each costing about 1 + a steps (its forward's fixed cost, about a decode
-        step's, and the waiting); at a = 0, a prefill for every row, B - 1 more a wave (none at batch 1). On the CPU bench
-        (L = 32, a = 1, batch 8: 25% by this estimate) six drafting steps early in an otherwise
-        plain job made it 7% slower (15 prefills against 8); drafting now and then throughout,
-        15-30% (19 prefills)."""
+        step's, and the waiting); at a = 0, a prefill for every row, B - 1 more a wave (none at
+        batch 1). On the CPU bench (L = 32, a = 1, batch 8: 22% by this estimate) six drafting
+        steps early in an otherwise plain job made it 7% slower (15 prefills against 8); drafting
+        now and then throughout, 15-30% (19 prefills)."""
         if not self.waiting or len(set(self.cohort[s] for s in self.active)) != 1:
             return 0.0
         limits = {self.requests[i].max_new_tokens for i in self.active.values()}
