@@ -147,7 +147,7 @@ class GoodputPolicy:
     _margin: float = 0.0  # the gain over plain this step's drafting must predict
     saving_decay: float = 0.9  # per step: the saving below remembers about the last ten steps
     saving: float = 0.0  # decayed share of each recent step's time that drafting was predicted to save (0: plain won)
-    _settled: dict = field(default_factory=dict)  # batch size -> the step before which it stays plain unweighed
+    _settled: dict = field(default_factory=dict)  # batch size -> (the step before which it stays plain unweighed, saving, desync)
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
     _planned: tuple[float, float] | None = None  # this step's plan: (tokens, seconds) predicted
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
@@ -209,13 +209,15 @@ class GoodputPolicy:
             # finds no match; a batch of one never changes size): then the next arm opens.
             self._opening_probe = True
             return self._probe(self.arms[self._opening % len(self.arms)], self.max_k)
-        if self._steps < self._settled.get(batch_size, 0):
-            # Plain won here a step or two ago: the costs move slowly, and weighing every arm and
-            # K took 0.1 ms a step, 2% of a plain step at batch 1 on the CPU.
-            self.saving *= self.saving_decay
+        desync = view.desync if view is not None else 0.0
+        until, held, settled_desync = self._settled.get(batch_size, (0, 0.0, 0.0))
+        if self._steps < until and desync == settled_desync:
+            # Plain won here a step or two ago, or drafting waited for the cohort rule: the costs
+            # move slowly, and weighing every arm and K took 0.2-0.4 ms a step, 4-5% of a plain
+            # step at batch 8 on the CPU. The saving goes on as it was last weighed.
+            self.saving = self.saving_decay * self.saving + (1 - self.saving_decay) * held
             return PLAIN_STEP
         self._margin = self.switch_margin
-        desync = view.desync if view is not None else 0.0
         plain = self.costs.goodput(PLAIN, batch_size, 0)
         rate, choice = self._best_or_plain(batch_size, self.arms, plain)
         if not choice.plain and not self.costs.measured(choice.arm) and not self.costs.shadowed(choice.arm):
@@ -230,7 +232,8 @@ class GoodputPolicy:
         if batch_size > 1 and view is not None and view.rows is not None:
             rate, choice = self._plan(batch_size, view.rows, rate, choice, plain)
         d = self.saving_decay
-        self.saving = d * self.saving + (1 - d) * (0.0 if choice.plain else 1 - plain / rate)
+        saved = 0.0 if choice.plain else 1 - plain / rate
+        self.saving = d * self.saving + (1 - d) * saved
         gated = not choice.plain and desync > 0 and (desync > self.saving or not self.costs.has_bias(choice.arm))
         if gated:
             # Rows that finish together and are refilled in one prefill would be made to finish
@@ -250,9 +253,8 @@ class GoodputPolicy:
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
             if hope >= (1 + self._margin + desync) * rate and self._worth(arm, hope, rate, view):
                 return self._probe(arm, self.max_k)
-        if choice.plain:
-            if not gated:  # plain won on its own: weighed again in a few steps
-                self._settled[batch_size] = self._steps + self.recheck_after
+        if choice.plain:  # weighed again in a few steps, or as soon as the desync moves
+            self._settled[batch_size] = (self._steps + self.recheck_after, saved, desync)
             return choice
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
