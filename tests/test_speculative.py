@@ -528,6 +528,26 @@ def test_a_probe_that_feeds_a_draft_every_row_waits_for_a_job_long_enough_to_rep
     assert first_try(remaining_tokens=200_000)
 
 
+def test_a_probe_is_not_worth_its_step_near_the_end_of_the_job():
+    """An arm without a draft model prefills nothing to try, but its step costs more than a
+    plain one should it accept nothing (a wide lookahead window: 33 tokens a row at K = 2). With a step or
+    two of the job left, what it could save never repays that; with the job ahead, it does."""
+
+    def probed(remaining_tokens: int) -> bool:
+        policy = GoodputPolicy(max_k=4, probe_after=1, costs=CostModel(prior_acceptance=0.8))
+        policy.bind(["window"], chunk=lambda arm, k: 16 * k, share=lambda arm: 0.0)
+        policy.prefilled(800, 0.090)
+        view = BatchView(context_tokens=400, remaining_tokens=remaining_tokens)
+        for _ in range(20):
+            if policy.choose(2, view).k:
+                return True
+            policy.observe(StepMeasurement("ar", 0, [0] * 2, [0] * 2, 2, 0.010, step_seconds=0.010))
+        return False
+
+    assert not probed(remaining_tokens=4)  # two plain steps left (20 ms), a probe step costs ~6 ms more
+    assert probed(remaining_tokens=2_000)
+
+
 def test_where_plain_wins_drafting_is_weighed_again_only_every_few_steps():
     """Weighing every arm and K is host work on every step (0.1 ms, 2% of a plain step at batch 1
     on the CPU): where plain won, it stays plain recheck_after steps before weighing again."""

@@ -224,7 +224,7 @@ class GoodputPolicy:
             # Never run: its predicted gain rests on the prior acceptance. Trying it is exploration,
             # a short probe within the budget, like any probe (an n-gram arm's first try on sampled
             # text yielded a third of its prediction).
-            if self._within_budget and self._worth(choice.arm, rate, plain, view):
+            if self._within_budget and self._worth(choice.arm, batch_size, rate, plain, view):
                 return self._probe(choice.arm, choice.k)
             rate, choice = self._best_or_plain(batch_size, [a for a in self.arms if self.costs.measured(a)], plain)
         elif not choice.plain and not self.costs.measured(choice.arm):  # its shadow drafts are not scored yet
@@ -251,7 +251,7 @@ class GoodputPolicy:
             if not self._within_budget:
                 break
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
-            if hope >= (1 + self._margin + desync) * rate and self._worth(arm, hope, rate, view):
+            if hope >= (1 + self._margin + desync) * rate and self._worth(arm, batch_size, hope, rate, view):
                 return self._probe(arm, self.max_k)
         if choice.plain:  # weighed again in a few steps, or as soon as the desync moves
             self._settled[batch_size] = (self._steps + self.recheck_after, saved, desync)
@@ -309,21 +309,24 @@ class GoodputPolicy:
         rate, choice = self.best(batch_size, arms)
         return (rate, choice) if rate >= (1 + self._margin) * plain else (plain, PLAIN_STEP)
 
-    def _worth(self, arm: str, rate: float, plain: float, view: BatchView | None) -> bool:
+    def _worth(self, arm: str, batch_size: int, rate: float, plain: float, view: BatchView | None) -> bool:
         """Whether the job left is long enough for a probe of arm to pay. It costs what its draft
         must first prefill (every row's context, at most; the draft's share of a target forward
-        over it), and where rows now finish together, their lockstep: a probe of two tokens ended
-        the first wave's rows two steps apart, and they stayed apart (view.desync of the rest of
-        the job). That must stay under probe_payoff of what the arm would save over the rest of
-        the job if it ran at `rate` against `plain` (both tokens per second). A probe of the draft
-        model at batch 32 fed it 32 prompts, a tenth of a 64-request job; on a long job the same
-        probe is cheap."""
+        over it), what its step costs beyond plain's should it accept nothing, and where rows now
+        finish together, their lockstep: a probe of two tokens ended the first wave's rows two
+        steps apart, and they stayed apart (view.desync of the rest of the job). That must stay
+        under probe_payoff of what the arm would save over the rest of the job if it ran at
+        `rate` against `plain` (both tokens per second). A probe of the draft model at batch 32
+        fed it 32 prompts, a tenth of a 64-request job; on a long job the same probe is cheap.
+        Near the job's end nothing is: lookahead and the draft model probed with two rows and
+        a few tokens left took 15-17 ms for 4 tokens against plain's 7 ms for 2."""
         if view is None:
             return True
         if not rate > plain > 0:
             return False
         left = view.remaining_tokens / plain  # seconds, in plain steps
-        cost = self.costs.share.get(arm, 0.0) * self.costs.target.predict(view.context_tokens) + view.desync * left
+        step = self.costs.seconds(arm, batch_size, min(self.probe_k, self.max_k)) - batch_size / plain
+        cost = self.costs.share.get(arm, 0.0) * self.costs.target.predict(view.context_tokens) + max(step, 0.0) + view.desync * left
         return cost <= self.probe_payoff * (1 - plain / rate) * left
 
     @property
