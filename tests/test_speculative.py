@@ -12,7 +12,7 @@ import torch
 
 from specbatch.decoding import Engine, GenerationRequest, SamplingParams
 from specbatch.decoding import verifier as verifier_module
-from specbatch.decoding.cost_model import CostModel, Recent, StepMeasurement
+from specbatch.decoding.cost_model import CostModel, LinearCost, Recent, StepMeasurement
 from specbatch.decoding.draft_policy import BatchView, Choice, FixedPolicy, GoodputPolicy
 from specbatch.decoding.proposer import DraftModelProposer
 from specbatch.decoding.sampling import RowSampling, probs_from_logits
@@ -326,6 +326,49 @@ def test_recent_costs_are_means_without_stalls():
     for value in (0.030, 0.020, 0.012, 0.028):
         varied.add(value)
     assert varied.value == pytest.approx(0.02)
+
+
+def test_what_the_policy_weighs_at_once_is_what_it_weighed_one_at_a_time():
+    """The fitted line is kept between adds, and goodputs prices every K of an arm with what they
+    share looked up once: both give the very numbers the plain formulas give, at every state a
+    run passes through (the line from one size and from several; arms measured, unmeasured and
+    shadow-scored; a hypothetical acceptance)."""
+    rng = np.random.default_rng(0)
+    line = LinearCost()
+
+    def fitted(size: float) -> float:  # the least squares line, worked out afresh
+        if size in line.by_size:
+            return line.by_size[size].value
+        mean_x, mean_y = line.sx / line.n, line.sy / line.n
+        var = line.sxx / line.n - mean_x * mean_x
+        if var <= 1e-9 * max(mean_x * mean_x, 1.0):
+            return mean_y * size / max(mean_x, 1e-9)
+        slope = max((line.sxy / line.n - mean_x * mean_y) / var, 0.0)
+        return max(mean_y - slope * mean_x, 0.0) + slope * size
+
+    for size in [8, 8, 8, *rng.integers(1, 300, 40)]:
+        line.add(int(size), 0.004 + 0.00003 * int(size) * rng.uniform(0.8, 1.2))
+        for probe in (3, 17, 301.5, 1000):
+            assert line.predict(probe) == fitted(probe)
+
+    costs = CostModel()
+    costs.chunk.update({("window", k): 4 * k for k in range(1, 7)})
+    costs.share.update({"draft": 0.3})
+    costs.prefilled(400, 0.05)
+    ks = [1, 2, 3, 4, 5, 6]
+    for step in range(60):
+        batch = int(rng.integers(1, 9))
+        arm, k = [("ar", 0), ("draft", int(rng.integers(1, 7))), ("window", 2), ("lookup", 3)][step % 4]
+        accepted = [int(rng.integers(0, k + 1)) for _ in range(batch)]
+        forwards = [(batch, batch, 0.001)] * k if arm == "draft" else []
+        shadows = {"lookup": (2, 1)} if arm != "lookup" else {}
+        seconds = 0.01 + 0.002 * k * rng.uniform(0.5, 1.5)
+        costs.observe(StepMeasurement(arm, k, [k] * batch, accepted, batch * (k + 1), 0.8 * seconds, 0.1 * seconds, forwards, seconds, shadows))
+        if step % 10 == 5:
+            costs.prefilled(200, 0.02)  # a freed slot refilled: admission is priced per token emitted
+        for a in ("ar", "draft", "window", "lookup", "never-run"):
+            for acceptance in (None, 0.9):
+                assert costs.goodputs(a, batch, ks, acceptance) == [costs.goodput(a, batch, k, acceptance) for k in ks]
 
 
 def test_prefill_of_admitted_rows_is_a_cost_of_every_token():

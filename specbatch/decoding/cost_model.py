@@ -132,6 +132,7 @@ class LinearCost:
     largest: float = 0.0
     by_size: dict = field(default_factory=dict)  # size -> Recent seconds
     max_sizes: int = 256
+    _line: tuple | None = None  # (intercept, slope, None) fitted since the last add, (mean cost, None, mean size), or None
 
     def add(self, size: float, seconds: float) -> None:
         self.smallest, self.largest = min(self.smallest, size), max(self.largest, size)
@@ -142,6 +143,7 @@ class LinearCost:
         self.sy = d * self.sy + seconds
         self.sxx = d * self.sxx + size * size
         self.sxy = d * self.sxy + size * seconds
+        self._line = None
 
     @property
     def known(self) -> bool:
@@ -164,16 +166,22 @@ class LinearCost:
         return max((self.sxy / self.n - mean_x * mean_y) / var, 0.0)
 
     def predict(self, size: float) -> float:
-        if size in self.by_size:
-            return self.by_size[size].value
+        seen = self.by_size.get(size)
+        if seen is not None:
+            return seen.value
         if self.n == 0:
             return 0.0
-        mean_x, mean_y = self.sx / self.n, self.sy / self.n
-        var = self.sxx / self.n - mean_x * mean_x
-        if var <= 1e-9 * max(mean_x * mean_x, 1.0):  # one size seen so far: assume cost grows with size
-            return mean_y * size / max(mean_x, 1e-9)
-        slope = max((self.sxy / self.n - mean_x * mean_y) / var, 0.0)
-        intercept = max(mean_y - slope * mean_x, 0.0)
+        if self._line is None:  # fitted once per add: the policy predicts dozens of sizes a step
+            mean_x, mean_y = self.sx / self.n, self.sy / self.n
+            var = self.sxx / self.n - mean_x * mean_x
+            if var <= 1e-9 * max(mean_x * mean_x, 1.0):  # one size seen so far: assume cost grows with size
+                self._line = (mean_y, None, max(mean_x, 1e-9))
+            else:
+                slope = max((self.sxy / self.n - mean_x * mean_y) / var, 0.0)
+                self._line = (max(mean_y - slope * mean_x, 0.0), slope, None)
+        intercept, slope, mean_x = self._line
+        if slope is None:  # intercept is the mean cost at the mean size
+            return intercept * size / mean_x
         return intercept + slope * size
 
 
@@ -293,6 +301,34 @@ class CostModel:
 
     def _goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
         return batch * self.expected_tokens(arm, k, acceptance) / max(self.seconds(arm, batch, k), 1e-12)
+
+    def goodputs(self, arm: str, batch: int, ks: list[int], acceptance: float | None = None) -> list[float]:
+        """goodput(arm, batch, k, acceptance) for each k of ks, the same sums in the same order,
+        with what every K shares looked up once: the policy weighs every arm and K, and one at a
+        time that took 5 us each, 0.15 ms a weighing at batch 8 on the CPU."""
+        if arm == PLAIN or 0 in ks:
+            return [self.goodput(arm, batch, k, acceptance) for k in ks]
+        bias = self.bias(arm) if acceptance is None and self.calibrated else 1.0
+        a = acceptance
+        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+        catch_up = self.catch_up(arm)
+        per_draft = self.draft[arm].predict(batch) if arm in self.draft else None
+        host = self.host[arm].value if arm in self.host else 0.0
+        own_a, admitting, out = self.acceptance(arm), self.admission, []
+        for k in ks:
+            measured = self.tokens.get((arm, k))  # expected_tokens(arm, k): what seconds() prices admission by
+            own = measured[0] / measured[1] if measured and measured[1] >= 4 else (1 - own_a ** (k + 1)) / (1 - own_a)
+            tokens = own if acceptance is None else (1 - a ** (k + 1)) / (1 - a)
+            admission = admitting * batch * own
+            step = self.step.get((arm, batch, k))
+            if step is not None:
+                seconds = step.value + catch_up + admission
+            else:
+                draft = k * per_draft if per_draft is not None else k * self.share.get(arm, 0.0) * self.target.predict(batch)
+                chunk = self.chunk.get((arm, k), k)
+                seconds = self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + catch_up + admission
+            out.append(batch * tokens / max(seconds, 1e-12) / bias)
+        return out
 
     def has_bias(self, arm: str) -> bool:
         """Steps of the arm have been measured against their prediction (calibrate)."""

@@ -188,8 +188,12 @@ class GoodputPolicy:
 
     def best(self, batch_size: int, arms: list[str], acceptance: float | None = None) -> tuple[float, Choice]:
         """(predicted goodput, choice) of the best drafting step among arms."""
-        options = [(self.costs.goodput(a, batch_size, k, acceptance), Choice(a, k)) for a in arms for k in self.candidate_ks]
-        return max(options, key=lambda o: o[0], default=(0.0, PLAIN_STEP))
+        ks, best = self.candidate_ks, (0.0, PLAIN_STEP)
+        for arm in arms:
+            for k, rate in zip(ks, self.costs.goodputs(arm, batch_size, ks, acceptance)):
+                if rate > best[0] or best[1] is PLAIN_STEP:
+                    best = (rate, Choice(arm, k))
+        return best
 
     def choose(self, batch_size: int, view: BatchView | None = None) -> Choice:
         """The next step's arm and K for a batch of batch_size rows; view, where given, lets a
