@@ -285,7 +285,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench.runner import check_systems, check_workloads, ratios, run_bench
+    from .bench.runner import check_systems, check_workloads, minima, ratios, run_bench
 
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     systems = args.systems.split(",") if args.systems else None
@@ -321,6 +321,8 @@ def cmd_bench(args) -> None:
         for i, r in enumerate(table)
     ]
     write_rows(columns, rows, "table")
+    for line in minima(table):
+        print(line)
     print(f"wrote {args.out}/bench.parquet and {args.out}/bench.png")
 
 

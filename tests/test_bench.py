@@ -53,6 +53,7 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
         "specbatch-ngram-adaptive",
         "specbatch-lookahead-adaptive",
         "specbatch-auto",
+        "specbatch-ar-control",
         "specbatch-pipeline",
     }
     assert set(rows[0]) == set(runner.SCHEMA.names)
@@ -72,6 +73,7 @@ def test_bench_runs_every_system_and_writes_rows(prefect_server, ray_cluster, tm
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "x hf-generate-batch" in printed and "x specbatch-ar" in printed and "paired x ar" in printed
+    assert "min x specbatch-ar, specbatch-auto: fastest" in printed and "min x specbatch-ar, specbatch-ar-control: fastest" in printed
     to_ar = runner.ratios(rows, "specbatch-ar")
     for r, ratio in zip(rows, to_ar):
         if r["system"] == "specbatch-ar":
@@ -137,6 +139,27 @@ def test_the_paired_ratio_is_the_median_of_each_rounds_ratio():
     assert runner.paired_ratio(times, "specbatch-ar") == 1.0
     assert runner.paired_ratio(times, "hf-generate") is None  # not every round
     assert runner.paired_ratio({"specbatch-auto": [1.0]}, "specbatch-auto") is None
+
+
+def test_minima_name_each_adaptive_systems_lowest_cell_and_the_noise_of_plain_against_itself():
+    def row(system, workload, batch, tokens_per_s, paired):
+        return dict(system=system, workload=workload, batch_size=batch, tokens_per_s=tokens_per_s, paired_x_ar=paired)
+
+    rows = [
+        row("specbatch-ar", "a", 1, 100.0, 1.0),
+        row("specbatch-auto", "a", 1, 150.0, 1.4),
+        row("specbatch-ar-control", "a", 1, 97.0, 0.99),
+        row("specbatch-ar", "b", 8, 200.0, 1.0),
+        row("specbatch-auto", "b", 8, 180.0, 0.93),
+        row("specbatch-ngram-adaptive", "b", 8, 196.0, None),
+        row("specbatch-ar-control", "b", 8, 186.0, 0.96),
+        row("specbatch-draft-k4", "b", 8, 100.0, 0.5),  # not adaptive: not summarised
+    ]
+    assert runner.minima(rows) == [
+        "min x specbatch-ar, specbatch-auto: fastest 0.90 (b b8; 1 of 2 cells < 0.95), paired 0.93 (b b8; 1 of 2 cells < 0.95)",
+        "min x specbatch-ar, specbatch-ngram-adaptive: fastest 0.98 (b b8; 0 of 1 cells < 0.95)",
+        "min x specbatch-ar, specbatch-ar-control: fastest 0.93 (b b8; 1 of 2 cells < 0.95), paired 0.96 (b b8; 0 of 2 cells < 0.95)",
+    ]
 
 
 def test_ratios_leave_a_cell_without_output_empty():

@@ -294,6 +294,29 @@ def ratios(rows: list[dict], system: str) -> list[float | None]:
     ]
 
 
+def minima(rows: list[dict], bar: float = 0.95) -> list[str]:
+    """Per adaptive system (and auto), the lowest ratio to specbatch-ar over every cell where both
+    ran, fastest run against fastest run and paired, with the cell and how many cells fall below
+    `bar`; then the same for specbatch-ar-control, plain decoding against itself: how far from 1
+    noise alone puts a system that is specbatch-ar."""
+    to_ar = ratios(rows, "specbatch-ar")
+    lines = []
+    names = [r["system"] for r in rows if r["system"].endswith(("-adaptive", "-auto")) or r["system"] == "specbatch-ar-control"]
+    for system in sorted(set(names), key=lambda n: (n == "specbatch-ar-control", names.index(n))):
+        parts = []
+        for label, values in (
+            ("fastest", [(x, r) for x, r in zip(to_ar, rows) if r["system"] == system and x is not None]),
+            ("paired", [(r["paired_x_ar"], r) for r in rows if r["system"] == system and r["paired_x_ar"] is not None]),
+        ):
+            if values:
+                low, r = min(values, key=lambda v: v[0])
+                below = sum(1 for x, _ in values if x < bar)
+                parts.append(f"{label} {low:.2f} ({r['workload']} b{r['batch_size']}; {below} of {len(values)} cells < {bar})")
+        if parts:
+            lines.append(f"min x specbatch-ar, {system}: " + ", ".join(parts))
+    return lines
+
+
 def plot(table: pa.Table, path: Path) -> None:
     import matplotlib
 
