@@ -309,6 +309,34 @@ def test_a_cohort_is_broken_only_by_measured_drafting_that_keeps_paying():
     assert strong[40:].count("ngram") >= 75
 
 
+def test_drafting_held_back_by_the_cohort_rule_is_weighed_every_few_steps_and_at_once_when_the_cohort_ends():
+    """Weighing every arm and K is most of the policy's own cost (0.1-0.2 ms a step on the CPU).
+    Where the cohort rule holds drafting back it is weighed again once in recheck_after steps, as
+    where plain won; when the desync moves (the cohort ends), at the very next step, which drafts."""
+    flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
+    policy = GoodputPolicy(max_k=4)
+    policy.bind(["ngram"], lambda arm, k: k)
+    policy.prefilled(8 * 40, flat(8 * 40))
+    weighings, real = [0], policy.costs.goodputs
+
+    def counted(*args, **kwargs):
+        weighings[0] += 1
+        return real(*args, **kwargs)
+
+    policy.costs.goodputs = counted
+    weighed, chosen = [], []
+    for step in range(61):
+        before = weighings[0]
+        choice = policy.choose(8, BatchView(context_tokens=400, remaining_tokens=100_000, desync=0.4 if step < 60 else 0.0))
+        weighed.append(weighings[0] > before)
+        chosen.append(choice.arm if choice.k else "ar")
+        shadows = {"ngram": (24, 2)} if not choice.k else {}
+        policy.observe(StepMeasurement(choice.arm, choice.k, [choice.k] * 8, [choice.k] * 8, 8 * (1 + choice.k), flat(8), step_seconds=flat(8), shadows=shadows))
+    assert chosen[:60] == ["ar"] * 60  # held back: the arm's steps were never measured
+    assert 50 / policy.recheck_after - 2 <= sum(weighed[10:60]) <= 50 / policy.recheck_after + 2
+    assert weighed[60] and chosen[60] == "ngram"
+
+
 def opening_steps(policy: GoodputPolicy, steps: int, matches_from: dict, acceptance: float) -> list[Choice]:
     """Batch-of-one steps on cheap verification where an arm drafts nothing before step
     matches_from[arm] (an n-gram table with no match yet) and then drafts K, `acceptance` of it

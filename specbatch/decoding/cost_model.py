@@ -309,7 +309,6 @@ class CostModel:
         if arm == PLAIN or 0 in ks:
             return [self.goodput(arm, batch, k, acceptance) for k in ks]
         bias = self.bias(arm) if acceptance is None and self.calibrated else 1.0
-        a = acceptance
         rest = batch * self.rest[arm].value if arm in self.rest else 0.0
         catch_up = self.catch_up(arm)
         per_draft = self.draft[arm].predict(batch) if arm in self.draft else None
@@ -318,7 +317,7 @@ class CostModel:
         for k in ks:
             measured = self.tokens.get((arm, k))  # expected_tokens(arm, k): what seconds() prices admission by
             own = measured[0] / measured[1] if measured and measured[1] >= 4 else (1 - own_a ** (k + 1)) / (1 - own_a)
-            tokens = own if acceptance is None else (1 - a ** (k + 1)) / (1 - a)
+            tokens = own if acceptance is None else (1 - acceptance ** (k + 1)) / (1 - acceptance)
             admission = admitting * batch * own
             step = self.step.get((arm, batch, k))
             if step is not None:
