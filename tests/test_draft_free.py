@@ -513,3 +513,9 @@ def test_shadow_drafts_score_each_row_from_what_it_emits_without_drafting(monkey
     scores = [shadow_scores(q.prompt_ids, r.completion_ids, 3, q.max_new_tokens) for q, r in zip(requests, results)]
     assert policy.scored == tuple(map(sum, zip(*scores)))
     assert policy.scored[0] > policy.scored[1] > 0
+    # Each score is also in the row's record of the step it stood for: what the steps table shows.
+    for result, (accepted, _) in zip(results, scores):
+        shadowed = [s for s in result.steps if s.shadow_method is not None]
+        assert all(s.shadow_method == "ngram" and 0 <= s.shadow_accepted <= s.shadow_drafted <= 3 for s in shadowed)
+        assert sum(s.shadow_accepted for s in shadowed) == accepted
+        assert result.steps[0].shadow_method is None  # the first step's draft was asked before any shadow

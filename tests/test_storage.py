@@ -12,7 +12,7 @@ import textwrap
 import pyarrow as pa
 
 from specbatch.storage import OutputDir, connect
-from specbatch.storage.schema import ERRORS, GENERATIONS, REQUESTS
+from specbatch.storage.schema import ERRORS, GENERATIONS, REQUESTS, STEPS, TABLES
 
 
 def generations(n: int, prefix: str = "r") -> pa.Table:
@@ -54,6 +54,27 @@ def test_views_answer_sql_over_complete_units(tmp_path):
     assert [c[0] for c in con.execute("select * from steps").description][:3] == ["request_id", "sample_index", "step"]
 
 
+def test_every_step_record_field_is_a_steps_column_and_files_without_the_newer_ones_still_read(tmp_path, monkeypatch):
+    """The worker writes each StepRecord's fields as a steps row (a field the schema lacks would be
+    dropped without a word). Files an older version wrote, before the shadow columns, read beside
+    new ones (a resumed or incremental job): their shadow columns are null."""
+    from dataclasses import fields
+
+    from specbatch.decoding import StepRecord
+
+    assert {f.name for f in fields(StepRecord)} | {"request_id", "sample_index"} == set(STEPS.names)
+    step = {"request_id": "r0", "sample_index": 0, "step": 0, "num_draft": 0, "drafted": 0, "accepted": 0, "emitted": 1, "method": "ar"}
+    older = pa.schema([f for f in STEPS if not f.name.startswith("shadow_")])
+    out = OutputDir(tmp_path)
+    with monkeypatch.context() as m:  # as the version before the shadow columns wrote it
+        m.setitem(TABLES, "steps", older)
+        out.write_unit("shard-00000", {"steps": pa.Table.from_pylist([step], schema=older)})
+    shadowed = step | {"request_id": "r1", "shadow_method": "ngram", "shadow_drafted": 4, "shadow_accepted": 3}
+    out.write_unit("shard-00001", {"steps": pa.Table.from_pylist([shadowed], schema=STEPS)})
+    rows = connect(tmp_path).execute("select request_id, shadow_method, shadow_drafted, shadow_accepted from steps order by 1").fetchall()
+    assert rows == [("r0", None, None, None), ("r1", "ngram", 4, 3)]
+
+
 def test_a_shard_without_its_manifest_entry_is_invisible_and_redone(tmp_path):
     out = OutputDir(tmp_path)
     out.write_unit("shard-00000", {"generations": generations(3)})
@@ -84,7 +105,8 @@ def test_writer_killed_mid_file_leaves_nothing_a_reader_picks_up(tmp_path):
         zeros = [0] * n
         t = pa.table({{"request_id": [str(i) for i in range(n)], "sample_index": zeros, "step": zeros,
                       "num_draft": zeros, "drafted": zeros, "accepted": zeros, "emitted": zeros,
-                      "method": ["ar"] * n}})
+                      "method": ["ar"] * n, "shadow_method": [None] * n, "shadow_drafted": [None] * n,
+                      "shadow_accepted": [None] * n}})
         OutputDir({str(tmp_path)!r}).write_unit("shard-00007", {{"steps": t}})
         print("finished", flush=True)
         """

@@ -19,7 +19,9 @@ a one-hot draft token with probability p(d), the chance that a plain step sample
 matched length has the distribution the accepted length would have. Each request's record and
 the arm's acceptance are then known without running the arm: a copying row is found the step its
 copying shows, and no probe is spent to learn that an arm would not pay. The lookups stay under
-SHADOW_BUDGET of the decoding time.
+SHADOW_BUDGET of the decoding time. Each score also goes to the request's StepRecord of the step
+the shadow stood for (the step after the one that made it), so the `steps` table says, step by
+step, what the arm would have drafted and had accepted where it did not run.
 
 A finished row frees its slot at once and the next waiting request takes it, so throughput holds
 when output lengths vary. Each row accepts its own number of tokens; its KV cache length and
@@ -72,7 +74,7 @@ class _Row:
     done: bool = False
     tokens: list[int] = field(default_factory=list)  # emitted; the last is not yet in the target cache
     drafts: dict = field(default_factory=dict)  # arm -> decayed (accepted drafts, trials) of this request's steps
-    shadow: tuple[str, int, list[int]] | None = None  # a shadow draft pending: (arm, at len(tokens), its tokens)
+    shadow: tuple[str, int, list[int], int] | None = None  # pending: (arm, at len(tokens), its tokens, the step it stands for)
 
     @property
     def seq(self) -> list[int]:
@@ -364,12 +366,15 @@ class Engine:
             if r.shadow is not None and r.shadow[0] == drafted:
                 r.shadow = None  # its record has the real drafts
             if r.shadow is not None:
-                arm, at, draft = r.shadow
+                arm, at, draft, step = r.shadow
                 emitted = r.tokens[at : at + len(draft)]
                 matched = next((i for i, (d, t) in enumerate(zip(draft, emitted)) if d != t), len(emitted))
                 if matched < len(emitted) or len(emitted) == len(draft) or r.done:
                     rejected = matched < len(emitted)
                     r.drafts[arm] = record_drafts(r.drafts.get(arm, (0.0, 0.0)), matched + rejected, matched)
+                    if step < len(r.result.steps):  # the step it stands for ran (a row that stops has none after)
+                        record = r.result.steps[step]
+                        record.shadow_method, record.shadow_drafted, record.shadow_accepted = arm, len(draft), matched
                     accepted, rejections = scored.get(arm, (0, 0))
                     scored[arm] = (accepted + matched, rejections + rejected)
                     r.shadow = None
@@ -378,7 +383,7 @@ class Engine:
                     if arm != drafted:
                         draft = self.proposer.shadow(arm, r.slot, r.seq, min(self._shadow_k, r.remaining))
                         if draft:
-                            r.shadow = (arm, len(r.tokens), draft)
+                            r.shadow = (arm, len(r.tokens), draft, len(r.result.steps))
                             break
         self._shadow_seconds += time.perf_counter() - t0
         return scored

@@ -53,6 +53,11 @@ STEPS = pa.schema(
         ("accepted", pa.int32()),
         ("emitted", pa.int32()),
         ("method", pa.string()),  # what proposed: the run's method, or auto's choice; "ar" if nothing was drafted
+        # where a method that can say what it would draft without running (n-gram) did not draft:
+        # what it would have drafted here and had accepted (null where no shadow draft was scored)
+        ("shadow_method", pa.string()),
+        ("shadow_drafted", pa.int32()),
+        ("shadow_accepted", pa.int32()),
     ]
 )
 

@@ -34,7 +34,8 @@ def connect(out_dir: Path | str, database: str = ":memory:") -> duckdb.DuckDBPyC
     for name, schema in TABLES.items():
         files = [f for run, manifest in runs for f in run.files_of(name, manifest)]
         if files and out.local:
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)})")
+            # by name: files an older version wrote (a resumed or incremental job) lack newer columns
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name = true)")
             continue
         source = ds.dataset(files, schema=schema, filesystem=out.fs, format="parquet") if files else schema.empty_table()
         con.register(f"_{name}_source", source)
