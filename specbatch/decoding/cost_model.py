@@ -258,19 +258,34 @@ class CostModel:
     def seconds(self, arm: str, batch: int, k: int) -> float:
         if arm == PLAIN:
             k = 0
-        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
-        admission = self.admission * batch * self.expected_tokens(arm, k)
         if k == 0:
+            rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+            admission = self.admission * batch * self.expected_tokens(arm, k)
             return admission + (self.step[arm, batch, 0].value if (arm, batch, 0) in self.step else self.target.predict(batch) + rest)
+        return self._draft_seconds(arm, batch, k, self._shared(arm, batch), self.expected_tokens(arm, k))
+
+    def _shared(self, arm: str, batch: int) -> tuple:
+        """What a drafting step of the arm costs at this batch size whatever its K: (the step's
+        other work, catch-up, one draft forward (None: not yet measured), proposing per row,
+        admission per token)."""
+        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+        forward = self.draft[arm].predict(batch) if arm in self.draft else None
+        host = self.host[arm].value if arm in self.host else 0.0
+        return rest, self.catch_up(arm), forward, host, self.admission
+
+    def _draft_seconds(self, arm: str, batch: int, k: int, shared: tuple, tokens: float) -> float:
+        """seconds(arm, batch, k) for k > 0, from _shared(arm, batch) and the tokens a row is
+        expected to emit."""
+        rest, catch_up, forward, host, admitting = shared
+        admission = admitting * batch * tokens
         if (arm, batch, k) in self.step:
-            return self.step[arm, batch, k].value + self.catch_up(arm) + admission
+            return self.step[arm, batch, k].value + catch_up + admission
         chunk = self.chunk.get((arm, k), k)
-        if arm in self.draft:
-            draft = k * self.draft[arm].predict(batch)
+        if forward is not None:
+            draft = k * forward
         else:  # not yet measured: its share of a target forward over the same rows
             draft = k * self.share.get(arm, 0.0) * self.target.predict(batch)
-        host = self.host[arm].value if arm in self.host else 0.0
-        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + self.catch_up(arm) + admission
+        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + catch_up + admission
 
     def plan_seconds(self, arm: str, lengths: list[int], tokens: float) -> float:
         """Predicted seconds of a step in which row b drafts lengths[b] (0 allowed) and the rows
@@ -303,30 +318,17 @@ class CostModel:
         return batch * self.expected_tokens(arm, k, acceptance) / max(self.seconds(arm, batch, k), 1e-12)
 
     def goodputs(self, arm: str, batch: int, ks: list[int], acceptance: float | None = None) -> list[float]:
-        """goodput(arm, batch, k, acceptance) for each k of ks, the same sums in the same order,
-        with what every K shares looked up once: the policy weighs every arm and K, and one at a
-        time that took 5 us each, 0.15 ms a weighing at batch 8 on the CPU."""
+        """goodput(arm, batch, k, acceptance) for each k of ks, with what every K shares looked up
+        once: the policy weighs every arm and K, and one at a time that took 5 us each, 0.15 ms
+        a weighing at batch 8 on the CPU."""
         if arm == PLAIN or 0 in ks:
             return [self.goodput(arm, batch, k, acceptance) for k in ks]
         bias = self.bias(arm) if acceptance is None and self.calibrated else 1.0
-        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
-        catch_up = self.catch_up(arm)
-        per_draft = self.draft[arm].predict(batch) if arm in self.draft else None
-        host = self.host[arm].value if arm in self.host else 0.0
-        own_a, admitting, out = self.acceptance(arm), self.admission, []
+        shared, out = self._shared(arm, batch), []
         for k in ks:
-            measured = self.tokens.get((arm, k))  # expected_tokens(arm, k): what seconds() prices admission by
-            own = measured[0] / measured[1] if measured and measured[1] >= 4 else (1 - own_a ** (k + 1)) / (1 - own_a)
-            tokens = own if acceptance is None else (1 - acceptance ** (k + 1)) / (1 - acceptance)
-            admission = admitting * batch * own
-            step = self.step.get((arm, batch, k))
-            if step is not None:
-                seconds = step.value + catch_up + admission
-            else:
-                draft = k * per_draft if per_draft is not None else k * self.share.get(arm, 0.0) * self.target.predict(batch)
-                chunk = self.chunk.get((arm, k), k)
-                seconds = self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + catch_up + admission
-            out.append(batch * tokens / max(seconds, 1e-12) / bias)
+            own = self.expected_tokens(arm, k)  # what seconds() prices admission by, whatever acceptance is given
+            tokens = own if acceptance is None else self.expected_tokens(arm, k, acceptance)
+            out.append(batch * tokens / max(self._draft_seconds(arm, batch, k, shared, own), 1e-12) / bias)
         return out
 
     def has_bias(self, arm: str) -> bool:
