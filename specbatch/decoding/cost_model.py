@@ -26,27 +26,29 @@ Seconds are means of recent values without stalls (Recent).
 
 and predicts, for an arm not yet run at (B, K):
 
-    seconds(arm, B, K) = target(B * (1 + chunk(arm, K))) + K * draft[arm](B) + B * (host[arm] + rest[arm])
-                         + catch_up[arm] + admission * tokens(arm, B, K)
+    seconds(arm, B, K) = bias[arm] x parts(arm, B, K) + catch_up[arm] + admission * tokens(arm, B, K)
+    parts(arm, B, K)   = target(B * (1 + chunk(arm, K))) + K * draft[arm](B) + B * (host[arm] + rest[arm])
                          (measured steps: step[arm, B, K] + catch_up[arm] + admission * tokens)
     tokens(arm, B, K)  = B * (1 - a^(K+1)) / (1 - a)          a = acceptance[arm]
                          (B x the measured tokens per row of (arm, K)'s steps, once it has run)
-    goodput            = tokens / (seconds x bias[arm]);  plain ("ar", K = 0): B / (seconds("ar", B, 0) x bias["ar"])
+    goodput            = tokens / seconds;  plain ("ar", K = 0): B / seconds("ar", B, 0)
 
 A plan, in which each row drafts a length of its own (draft_policy), is priced from the parts
-(plan_seconds): the target's forward over the tokens it runs (packed, where the engine packs it),
+(plan_parts): the target's forward over the tokens it runs (packed, where the engine packs it),
 a draft forward per depth over the rows still drafting, and the rest as above; its steps are not
-(arm, B, K)'s and are calibrated against the plan's own prediction.
+(arm, B, K)'s.
 
-bias[arm] is how far the arm's recent steps fell short of their prediction: seconds taken over
-seconds predicted for the tokens they emitted. A policy that picks the best of many noisy
-estimates (every arm and K) picks the one whose noise flattered it most, so the chosen step's
-prediction is optimistic on average (the optimizer's curse); and a draft step loses in ways its
-parts do not show (rows that draft fewer than K near their end, acceptance that moves with the
-text). On the CPU bench the draft model's chosen steps took 1.2x their predicted time for their
-tokens, plain steps 0.85-1.0x: uncalibrated, drafting looked 20-40% better against plain than it
-measured. Only chosen steps are measured, which is the point: the bias of the estimates the
-policy acts on.
+bias[arm] is how far the arm's recent steps fell short of the sum of their parts: seconds taken
+(less their catch-up) over parts predicted before they ran, for every step of the arm, whether
+(arm, B, K) was measured or not. It multiplies what is predicted from parts, never a measured
+step's cost (that already is what such steps took). A policy that picks the best of many noisy
+estimates (every arm and K) picks the one whose noise flattered it most (the optimizer's curse),
+and a draft step costs in ways its parts do not show (a packed forward, rows that draft fewer
+than K near their end): on the CPU bench the draft model's chosen steps took 1.2x their
+prediction, plain steps 0.85-1.0x. The bias is of cost only. It once was of seconds per token
+emitted, and so counted a draft that was rejected twice, once in the acceptance and again in the
+bias: an n-gram arm's swung 0.89-1.60 within 50 steps at batch 1 and held it off half the steps
+where fixed n-gram gained 1.5x.
 
 chunk(arm, K) is what the proposer writes per row besides the last token: K for a draft, more for
 lookahead's window and candidates (each proposer says so: Proposer.chunk_tokens). Before a draft
@@ -259,38 +261,51 @@ class CostModel:
         if arm == PLAIN:
             k = 0
         if k == 0:
-            rest = batch * self.rest[arm].value if arm in self.rest else 0.0
             admission = self.admission * batch * self.expected_tokens(arm, k)
-            return admission + (self.step[arm, batch, 0].value if (arm, batch, 0) in self.step else self.target.predict(batch) + rest)
+            measured = self.step.get((arm, batch, 0))
+            return admission + (measured.value if measured is not None else self._calibrated(arm, self.parts(arm, batch, 0)))
         return self._draft_seconds(arm, batch, k, self._shared(arm, batch), self.expected_tokens(arm, k))
 
     def _shared(self, arm: str, batch: int) -> tuple:
         """What a drafting step of the arm costs at this batch size whatever its K: (the step's
         other work, catch-up, one draft forward (None: not yet measured), proposing per row,
-        admission per token)."""
+        admission per token, the calibration bias)."""
         rest = batch * self.rest[arm].value if arm in self.rest else 0.0
         forward = self.draft[arm].predict(batch) if arm in self.draft else None
         host = self.host[arm].value if arm in self.host else 0.0
-        return rest, self.catch_up(arm), forward, host, self.admission
+        return rest, self.catch_up(arm), forward, host, self.admission, self._bias_of(arm)
 
     def _draft_seconds(self, arm: str, batch: int, k: int, shared: tuple, tokens: float) -> float:
         """seconds(arm, batch, k) for k > 0, from _shared(arm, batch) and the tokens a row is
         expected to emit."""
-        rest, catch_up, forward, host, admitting = shared
+        rest, catch_up, forward, host, admitting, bias = shared
         admission = admitting * batch * tokens
         if (arm, batch, k) in self.step:
             return self.step[arm, batch, k].value + catch_up + admission
+        return bias * self._draft_parts(arm, batch, k, forward, host, rest) + catch_up + admission
+
+    def _draft_parts(self, arm: str, batch: int, k: int, forward: float | None, host: float, rest: float) -> float:
         chunk = self.chunk.get((arm, k), k)
         if forward is not None:
             draft = k * forward
         else:  # not yet measured: its share of a target forward over the same rows
             draft = k * self.share.get(arm, 0.0) * self.target.predict(batch)
-        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest + catch_up + admission
+        return self.target.predict(batch * (1 + chunk)) + draft + batch * host + rest
 
-    def plan_seconds(self, arm: str, lengths: list[int], tokens: float) -> float:
-        """Predicted seconds of a step in which row b drafts lengths[b] (0 allowed) and the rows
-        emit `tokens`: the target's forward over the real tokens where the engine packs it,
-        each draft forward over the rows still drafting, and the parts of a step as seconds()."""
+    def parts(self, arm: str, batch: int, k: int) -> float:
+        """The sum of a step's parts (the target's forward, the draft's, proposing, the rest),
+        before calibration and without catch-up or admission: what the bias corrects."""
+        rest = batch * self.rest[arm].value if arm in self.rest else 0.0
+        if arm == PLAIN or k == 0:
+            return self.target.predict(batch) + rest
+        forward = self.draft[arm].predict(batch) if arm in self.draft else None
+        host = self.host[arm].value if arm in self.host else 0.0
+        return self._draft_parts(arm, batch, k, forward, host, rest)
+
+    def plan_parts(self, arm: str, lengths: list[int]) -> float:
+        """parts() of a step in which row b drafts lengths[b] (0 allowed): the target's forward
+        over the real tokens where the engine packs it, and each draft forward over the rows
+        still drafting."""
         batch, width = len(lengths), 1 + max(lengths)
         real = [1 + n for n in lengths]
         size = sum(real) if ragged(real, width) else batch * width
@@ -300,7 +315,13 @@ class CostModel:
             draft += self.draft[arm].predict(rows) if arm in self.draft else self.share.get(arm, 0.0) * self.target.predict(rows)
         host = batch * self.host[arm].value if arm in self.host else 0.0
         rest = batch * self.rest[arm].value if arm in self.rest else 0.0
-        return self.target.predict(size) + draft + host + rest + self.catch_up(arm) + self.admission * tokens
+        return self.target.predict(size) + draft + host + rest
+
+    def plan_seconds(self, arm: str, lengths: list[int], tokens: float, parts: float | None = None) -> float:
+        """Predicted seconds of a plan's step whose rows emit `tokens`: its parts (plan_parts, unless
+        given), calibrated, and the arm's catch-up and admission as seconds()."""
+        parts = self.plan_parts(arm, lengths) if parts is None else parts
+        return self._calibrated(arm, parts) + self.catch_up(arm) + self.admission * tokens
 
     def token_seconds(self, arm: str) -> float:
         """What one more drafted token of one row adds to a step: a token more in the target's
@@ -309,12 +330,8 @@ class CostModel:
         return self.target.slope + draft
 
     def goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
-        """Predicted tokens per second of a step of this arm and K over `batch` rows, calibrated
-        by the arm's recent bias; at a given acceptance (a hypothesis, not a forecast), not."""
-        bias = self.bias(arm if k else PLAIN) if acceptance is None and self.calibrated else 1.0
-        return self._goodput(arm, batch, k, acceptance) / bias
-
-    def _goodput(self, arm: str, batch: int, k: int, acceptance: float | None = None) -> float:
+        """Predicted tokens per second of a step of this arm and K over `batch` rows; at a given
+        acceptance (a hypothesis, not a forecast) where given."""
         return batch * self.expected_tokens(arm, k, acceptance) / max(self.seconds(arm, batch, k), 1e-12)
 
     def goodputs(self, arm: str, batch: int, ks: list[int], acceptance: float | None = None) -> list[float]:
@@ -323,12 +340,11 @@ class CostModel:
         a weighing at batch 8 on the CPU."""
         if arm == PLAIN or 0 in ks:
             return [self.goodput(arm, batch, k, acceptance) for k in ks]
-        bias = self.bias(arm) if acceptance is None and self.calibrated else 1.0
         shared, out = self._shared(arm, batch), []
         for k in ks:
             own = self.expected_tokens(arm, k)  # what seconds() prices admission by, whatever acceptance is given
             tokens = own if acceptance is None else self.expected_tokens(arm, k, acceptance)
-            out.append(batch * tokens / max(self._draft_seconds(arm, batch, k, shared, own), 1e-12) / bias)
+            out.append(batch * tokens / max(self._draft_seconds(arm, batch, k, shared, own), 1e-12))
         return out
 
     def has_bias(self, arm: str) -> bool:
@@ -336,28 +352,31 @@ class CostModel:
         return arm in self._bias
 
     def bias(self, arm: str) -> float:
-        """Seconds the arm's recent steps took over the seconds predicted for the tokens they
-        emitted (1: as predicted), drawn toward 1 by a prior of two steps."""
+        """Seconds the arm's recent steps took over the sum of their parts predicted before they
+        ran (1: as predicted), drawn toward 1 by a prior of two steps."""
         taken, predicted, steps = self._bias.get(arm, (0.0, 0.0, 0.0))
         prior = 2.0 * predicted / steps if steps else 0.0
         return (taken + prior) / (predicted + prior) if predicted else 1.0
 
-    def _calibrate(self, arm: str, k: int, batch: int, tokens: int, seconds: float) -> None:
-        """A step of the arm emitted `tokens` in `seconds`: against what was predicted for it
-        before it ran (the caller observes it after)."""
-        self.calibrate(arm, tokens / max(self._goodput(arm, batch, k), 1e-12), tokens, seconds)
+    def _bias_of(self, arm: str) -> float:
+        return self.bias(arm) if self.calibrated else 1.0
 
-    def calibrate(self, arm: str, predicted: float, tokens: int, seconds: float) -> None:
-        """A step of the arm took `seconds` and emitted `tokens`, predicted to take `predicted`
-        seconds (admission included) for them. A stall counts at most 4x."""
-        taken = min(max(seconds + self.admission * tokens, predicted / 4), 4 * predicted)
+    def _calibrated(self, arm: str, parts: float) -> float:
+        return parts * self._bias_of(arm)
+
+    def calibrate(self, arm: str, predicted: float, seconds: float) -> None:
+        """A step of the arm took `seconds` (its catch-up left out), its parts predicted to take
+        `predicted` before it ran. A stall counts at most 4x."""
+        taken = min(max(seconds, predicted / 4), 4 * predicted)
         d = self.bias_decay
         old = self._bias.get(arm, (0.0, 0.0, 0.0))
         self._bias[arm] = (d * old[0] + taken, d * old[1] + predicted, d * old[2] + 1)
 
-    def observe(self, m: StepMeasurement, grid: bool = True) -> None:
-        """grid: every row of the step was asked for K (False: rows drafted lengths of their own,
-        a plan; the step is not one of (arm, batch, K)'s and its caller calibrates it)."""
+    def observe(self, m: StepMeasurement, planned: float | None = None) -> None:
+        """planned: rows drafted lengths of their own (a plan), whose parts were predicted to take
+        `planned` seconds (plan_parts); the step is not one of (arm, batch, K)'s. None: every row
+        was asked for K."""
+        grid = planned is None
         batch = len(m.num_draft)
         arm, k = (m.arm, m.k) if any(m.num_draft) else (PLAIN, 0)
         # A draft forward over more than two tokens a row feeds what the draft has not seen: new
@@ -365,9 +384,8 @@ class CostModel:
         steady = [(rows, seconds) for rows, tokens, seconds in m.draft_forwards if tokens <= 2 * rows]
         forwards = sum(seconds for _, _, seconds in m.draft_forwards)
         catch_up = forwards - sum(seconds for _, seconds in steady)
-        if grid and m.step_seconds and self.target.has_slope:  # a prediction to check (a draft opening prefills: no step cost)
-            opening = catch_up if arm != PLAIN and arm not in self._catch_up else 0.0
-            self._calibrate(arm, k, batch, sum(m.num_accepted) + batch, m.step_seconds - opening)
+        if m.step_seconds and self.target.has_slope:  # a prediction to check
+            self.calibrate(arm, self.parts(arm, batch, k) if planned is None else planned, m.step_seconds - catch_up)
         self.target.add(m.target_tokens, m.target_seconds)
         self._emitted(sum(m.num_accepted) + batch)
         for shadow, (accepted, rejections) in m.shadows.items():  # decayed once a step, as a step that ran it

@@ -149,7 +149,7 @@ class GoodputPolicy:
     saving: float = 0.0  # decayed share of each recent step's time that drafting was predicted to save (0: plain won)
     _settled: dict = field(default_factory=dict)  # batch size -> (the step before which it stays plain unweighed, saving, desync)
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
-    _planned: tuple[float, float] | None = None  # this step's plan: (tokens, seconds) predicted
+    _planned: float | None = None  # this step's plan: the seconds its parts were predicted to take (CostModel.plan_parts)
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
     elapsed: float = 0.0  # seconds of every step so far
     explored: float = 0.0  # seconds probes took beyond what plain steps would have for their tokens
@@ -297,15 +297,13 @@ class GoodputPolicy:
                 tokens += expected
             if not any(lengths):
                 continue
-            seconds = self.costs.plan_seconds(arm, lengths, tokens)
-            bias = self.costs.bias(arm) if self.costs.calibrated else 1.0
-            planned = tokens / max(seconds * bias, 1e-12)
+            parts = self.costs.plan_parts(arm, lengths)
+            planned = tokens / max(self.costs.plan_seconds(arm, lengths, tokens, parts), 1e-12)
             if planned > best[0]:
-                best = (planned, (Choice(arm, max(lengths), tuple(lengths)), tokens, seconds))
+                best = (planned, (Choice(arm, max(lengths), tuple(lengths)), parts))
         if best[1] is None:
             return rate, choice
-        plan, tokens, seconds = best[1]
-        self._planned = (tokens, seconds)
+        plan, self._planned = best[1]
         return best[0], plan
 
     def _best_or_plain(self, batch_size: int, arms: list[str], plain: float) -> tuple[float, Choice]:
@@ -369,13 +367,7 @@ class GoodputPolicy:
             plain = self.costs.goodput(PLAIN, batch, 0)
             tokens = batch + sum(measurement.num_accepted)
             self.explored = max(self.explored + seconds - (tokens / plain if plain > 0 else 0.0), 0.0)
-        if self._planned is not None and any(measurement.num_draft):
-            self.costs.observe(measurement, grid=False)
-            tokens, predicted = self._planned
-            emitted = batch + sum(measurement.num_accepted)
-            self.costs.calibrate(measurement.arm, predicted * emitted / tokens, emitted, measurement.step_seconds or seconds)
-        else:
-            self.costs.observe(measurement)
+        self.costs.observe(measurement, self._planned if any(measurement.num_draft) else None)
         if not any(measurement.num_draft):
             self._plain_at[batch] = self._steps
         if self._opening_probe:
