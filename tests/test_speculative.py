@@ -655,3 +655,25 @@ def test_rows_of_one_batch_draft_what_their_own_acceptance_pays_for():
     tree = plan_policy(0.0003)
     tree.costs.chunk["lookup", 6] = 12
     assert tree.choose(8, view).plain
+
+
+def test_a_plan_is_calibrated_against_its_own_parts():
+    """A plan's step is not one of (arm, B, K)'s: its cost is predicted from its parts (a packed
+    forward over each row's own tokens) and checked against them. A plan that took twice its
+    parts moves the arm's bias as one step of two would, and the next plan is priced at that
+    bias; the plan's own prediction, not a grid step's at its largest K (the packed forward is
+    smaller), is what it was checked against."""
+    copying, new = {"lookup": (19.0, 20.0)}, {}
+    policy = plan_policy(0.0003)
+    choice = policy.choose(8, BatchView(10_000, 10_000, 0.0, [copying] + [new] * 7))
+    assert choice.rows is not None
+    parts = policy._planned
+    assert parts == pytest.approx(policy.costs.plan_parts("lookup", list(choice.rows)))
+    assert parts < policy.costs.parts("lookup", 8, choice.k)
+    tokens = sum(choice.rows) + 8
+    policy.observe(StepMeasurement("lookup", choice.k, list(choice.rows), list(choice.rows), tokens, 2 * parts, step_seconds=2 * parts))
+    assert policy.costs.bias("lookup") == pytest.approx((2 + 2) / 3)
+    lengths = list(choice.rows)
+    assert policy.costs.plan_seconds("lookup", lengths, 12.0) == pytest.approx(
+        policy.costs.bias("lookup") * policy.costs.plan_parts("lookup", lengths) + policy.costs.catch_up("lookup") + policy.costs.admission * 12.0
+    )
