@@ -61,7 +61,7 @@ def main() -> None:
             arms[spec] = m.arms
     first = times[args.systems[0]]
     for spec in args.systems:
-        paired = paired_ratio(times, spec, base=args.systems[0])
+        paired = paired_ratio(first, times[spec])
         print(
             f"{args.workload} b{args.batch} {spec:34} fastest {min(times[spec]):.3f}s  x first {min(first) / min(times[spec]):.2f}"
             f"  paired {paired:.2f}  runs {[round(t, 2) for t in times[spec]]}  {arms[spec] or ''}"

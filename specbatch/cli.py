@@ -300,7 +300,7 @@ def cmd_bench(args) -> None:
     table = run_bench(
         Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads
     ).to_pylist()
-    to_hf, to_ar = ratios(table, "hf-generate-batch"), ratios(table, "specbatch-ar")
+    to_hf = ratios(table, "hf-generate-batch")
     columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "paired x ar", "identical", "MFU"]
     columns += ["seconds", "accepted", "steps by arm"]
     rows = [
@@ -310,7 +310,7 @@ def cmd_bench(args) -> None:
             r["batch_size"],
             round(r["tokens_per_s"], 1),
             to_hf[i],
-            to_ar[i],
+            r["fastest_x_ar"],
             r["paired_x_ar"],
             r["identical_to_reference"],
             f"{r['mfu']:.2%}",
