@@ -210,7 +210,7 @@ def feed(policy: GoodputPolicy, batch: int, acceptance: float, target_cost, draf
         accepted = [int(min(k, rng.geometric(1 - acceptance) - 1)) if k else 0 for _ in range(batch)]
         policy.observe(
             StepMeasurement(
-                arm="draft",
+                arm="draft" if k else "ar",
                 k=k,
                 num_draft=ks,
                 num_accepted=accepted,

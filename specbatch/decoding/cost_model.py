@@ -191,7 +191,7 @@ class LinearCost:
 class StepMeasurement:
     """One decode step, as the engine measured it."""
 
-    arm: str  # what proposed: "ar" for a step that drafted nothing
+    arm: str  # what proposed: "ar" for a plain step (nothing drafted, no lookahead window)
     k: int  # the K chosen
     num_draft: list[int]  # per row: draft tokens proposed
     num_accepted: list[int]  # per row: of those, accepted
@@ -376,7 +376,7 @@ class CostModel:
         was asked for K."""
         grid = planned is None
         batch = len(m.num_draft)
-        arm, k = (m.arm, m.k) if any(m.num_draft) else (PLAIN, 0)
+        arm, k = (m.arm, m.k) if m.arm != PLAIN else (PLAIN, 0)
         # A draft forward over more than two tokens a row feeds what the draft has not seen: new
         # rows' prompts, steps it sat out. Not a cost of this step's K: charged to the arm apart.
         steady = [(rows, seconds) for rows, tokens, seconds in m.draft_forwards if tokens <= 2 * rows]

@@ -141,14 +141,14 @@ class GoodputPolicy:
     _last_run: dict = field(default_factory=dict)  # arm -> step it last drafted
     _wait: dict = field(default_factory=dict)  # arm -> steps to sit out before its next probe
     _probing: str | None = None
-    _opening: int = 0  # opening probes that drafted nothing
+    _opening: int = 0  # opening probes that ran plain (drafted nothing)
     _opened: bool = False  # an opening probe drafted
     _opening_probe: bool = False
     _margin: float = 0.0  # the gain over plain this step's drafting must predict
     saving_decay: float = 0.9  # per step: the saving below remembers about the last ten steps
     saving: float = 0.0  # decayed share of each recent step's time that drafting was predicted to save (0: plain won)
     _settled: dict = field(default_factory=dict)  # batch size -> (the step before which it stays plain unweighed, saving, desync)
-    _plain_at: dict = field(default_factory=dict)  # batch size -> the last step at it that drafted nothing
+    _plain_at: dict = field(default_factory=dict)  # batch size -> the last plain step at it
     _planned: float | None = None  # this step's plan: the seconds its parts were predicted to take (CostModel.plan_parts)
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
     elapsed: float = 0.0  # seconds of every step so far
@@ -367,11 +367,12 @@ class GoodputPolicy:
             plain = self.costs.goodput(PLAIN, batch, 0)
             tokens = batch + sum(measurement.num_accepted)
             self.explored = max(self.explored + seconds - (tokens / plain if plain > 0 else 0.0), 0.0)
-        self.costs.observe(measurement, self._planned if any(measurement.num_draft) else None)
-        if not any(measurement.num_draft):
+        ran_plain = measurement.arm == PLAIN
+        self.costs.observe(measurement, None if ran_plain else self._planned)
+        if ran_plain:
             self._plain_at[batch] = self._steps
         if self._opening_probe:
-            if any(measurement.num_draft):
+            if not ran_plain:
                 self._opened = True
             else:
                 self._opening += 1

@@ -297,9 +297,12 @@ class Engine:
             draft_seconds = self.proposer.seconds - before
         num_draft = draft.num_draft if draft is not None else [0] * len(rows)
         tree = draft.tree if draft is not None else None
-        source = draft.source if draft is not None and any(num_draft) else "ar"
         drafts = draft.tokens.tolist() if draft is not None else [[] for _ in rows]
         chunk = [tree.num_tokens[b] if tree else num_draft[b] for b in range(len(rows))]
+        # The step is the arm's wherever its proposer wrote into the forward: drafts, or a
+        # lookahead window with no candidate yet (wider than a plain step, and paid for as the
+        # arm's). A lookup that found nothing leaves a plain step.
+        source = draft.source if draft is not None and any(chunk) else "ar"
         inputs = [[r.tokens[-1]] + drafts[b][: chunk[b]] for b, r in enumerate(rows)]
         ids, _ = pad_right(inputs, self.device)
         num_real, width = [len(x) for x in inputs], ids.shape[1]
@@ -333,7 +336,7 @@ class Engine:
         seconds = time.perf_counter() - step_start
         self._decode_seconds += seconds
         plain = self._step_cost[1]
-        if not any(num_draft):  # what a plain step costs now, for the scheduler's weighing of empty slots
+        if source == "ar":  # what a plain step costs now, for the scheduler's weighing of empty slots
             plain = seconds if not plain else 0.8 * plain + 0.2 * seconds
         self._step_cost = (seconds, plain)
         if self.proposer is not None:

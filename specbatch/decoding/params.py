@@ -61,7 +61,7 @@ class StepRecord:
     drafted: int  # draft tokens proposed
     accepted: int  # draft tokens accepted
     emitted: int  # tokens appended to the output (accepted + 1, fewer at a stop)
-    method: str = ""  # what proposed (auto chooses per step); "ar" for a step that drafted nothing
+    method: str = ""  # what proposed (auto chooses per step); "ar" for a plain step (nothing drafted, no lookahead window rode)
     # A shadow draft for this step (engine.py, "Shadow drafts"): what shadow_method would have
     # drafted here had it run, and how much of it the tokens emitted accept (greedy: exactly what
     # a verification would; sampled: a draw of the accepted length). None where none was scored.

@@ -52,7 +52,7 @@ STEPS = pa.schema(
         ("drafted", pa.int32()),
         ("accepted", pa.int32()),
         ("emitted", pa.int32()),
-        ("method", pa.string()),  # what proposed: the run's method, or auto's choice; "ar" if nothing was drafted
+        ("method", pa.string()),  # what proposed: the run's method, or auto's choice; "ar" for a plain step (nothing drafted, no lookahead window)
         # where a method that can say what it would draft without running (n-gram) did not draft:
         # what it would have drafted here and had accepted (null where no shadow draft was scored)
         ("shadow_method", pa.string()),
