@@ -294,10 +294,11 @@ def round_order(systems: list[str], round_index: int, base: str | None = None, b
     each (X Y A base B C base D E base): a slow spell of this machine lasts 5-10 s (plain decoding
     alone, 14 runs of 1 s: eleven at 0.97-1.04 s, three in a row at 1.23-1.33 s), shorter than a
     round of a dozen systems, so a ratio to base's one run a round elsewhere could land in a
-    spell on one side only; measured, plain against itself so placed fell to 0.77-0.87."""
+    spell on one side only (plain decoding against itself, base once a round: 0.77-0.87 at the
+    lowest cell of a full run)."""
     order = systems
-    if base in systems and any(beside(s) for s in systems if s != base):
-        held = [s for s in systems if s != base and beside(s)]
+    held = [s for s in systems if s != base and beside(s)]
+    if base in systems and held:
         order = [s for s in systems if s != base and not beside(s)]
         for i, s in enumerate(held):
             order += [s, base] if i % 2 == 0 else [s]
