@@ -284,7 +284,8 @@ class Engine:
             prefixes = {id(p): len(p) for p in (cache.prefixes[s] for s in slots) if p is not None}
             context = sum(n - cache.offset(s) for s, n in zip(slots, seq_lens)) + sum(prefixes.values())
             remaining = sum(r.remaining for r in rows) + scheduler.waiting_tokens
-            view = BatchView(context, remaining, scheduler.desync_cost(), [r.drafts for r in rows])
+            wave = None if scheduler.waiting else [r.remaining for r in rows]
+            view = BatchView(context, remaining, scheduler.desync_cost(), [r.drafts for r in rows], wave)
             choice = self.policy.choose(len(rows), view)
         k = choice.k if choice is not None else 0
         wanted = list(choice.rows) if choice is not None and choice.rows is not None else [k] * len(rows)
