@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat", type=int, default=1, help="runs per system and cell, alternated; the fastest counts (default: 1)"
     )
     bench.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=0.0,
+        help="a cell (workload, batch size) that took under this after --repeat rounds runs more, up to twice "
+        "--repeat: short cells, where a slow spell of a shared machine weighs most (default: 0, exactly --repeat)",
+    )
+    bench.add_argument(
         "--systems", default=None, help="comma-separated system names to run (default: all; e.g. specbatch-ar,specbatch-auto)"
     )
     bench.add_argument(
@@ -297,8 +304,10 @@ def cmd_bench(args) -> None:
         raise SpecbatchError(str(e)) from e
     if args.repeat < 1:
         raise SpecbatchError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.cell_seconds < 0:
+        raise SpecbatchError(f"--cell-seconds must be >= 0, got {args.cell_seconds}")
     table = run_bench(
-        Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads
+        Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads, args.cell_seconds
     ).to_pylist()
     to_hf = ratios(table, "hf-generate-batch")
     columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "paired x ar", "identical", "MFU"]

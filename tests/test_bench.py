@@ -133,6 +133,27 @@ def test_bench_runs_the_workloads_asked_for(tmp_path, monkeypatch):
     assert main(["bench", "--out", str(tmp_path), "--workloads", "shared"]) == 2  # before any model loads
 
 
+def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monkeypatch):
+    """--repeat rounds, then, in a cell that took under --cell-seconds, more in pairs, up to
+    twice --repeat; a long cell runs --repeat only."""
+    assert [runner.more_rounds(done, 3, 1.0, 10.0) for done in range(7)] == [True] * 6 + [False]
+    assert [runner.more_rounds(done, 3, 50.0, 10.0) for done in range(4)] == [True, True, True, False]
+    assert runner.more_rounds(3, 2, 50.0, 10.0)  # the second of a pair begun while the cell was short
+    assert not runner.more_rounds(2, 2, 1.0, 0.0) and not runner.more_rounds(1, 1, 1.0, 0.0)
+    monkeypatch.setattr(runner, "make_workloads", tiny)
+    runs = []
+    monkeypatch.setattr(
+        runner, "SYSTEMS", [(n, m, lambda *a, fn=fn: runs.append(1) or fn(*a), only) for n, m, fn, only in runner.SYSTEMS]
+    )
+    args = dict(quick=True, batch_sizes=[2], model="random-tiny", systems=["specbatch-ar"], workloads=["n4-sampling"], repeat=2)
+    runner.run_bench(tmp_path, **args, cell_seconds=3600.0)
+    assert len(runs) == 4
+    runs.clear()
+    runner.run_bench(tmp_path, **args)
+    assert len(runs) == 2
+    assert main(["bench", "--out", str(tmp_path), "--cell-seconds", "-1"]) == 2
+
+
 def test_the_paired_ratio_is_the_median_of_each_rounds_ratio():
     """A slow spell that lasts a round slows both systems of that round: their ratio holds."""
     assert runner.paired_ratio([1.0, 3.0, 1.1], [1.25, 3.0, 1.0]) == 1.0  # rounds: 0.8, 1.0, 1.1

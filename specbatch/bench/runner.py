@@ -178,6 +178,7 @@ def run_bench(
     systems: list[str] | None = None,
     repeat: int = 1,
     workloads: list[str] | None = None,
+    cell_seconds: float = 0.0,
 ) -> pa.Table:
     """systems: names from SYSTEMS (and specbatch-pipeline) to run; None: all of them. workloads:
     names from make_workloads; None: all of them. repeat:
@@ -185,7 +186,10 @@ def run_bench(
     machine noise only ever adds time), and beside it two ratios to specbatch-ar, each against
     the specbatch-ar run nearest it in its round (round_order runs one beside every system under
     the bar): fastest against fastest, and paired, the median over rounds of the two runs'
-    ratio, seconds apart, so a slow spell hits both sides of a ratio alike."""
+    ratio, seconds apart, so a slow spell hits both sides of a ratio alike. cell_seconds: a cell
+    that has taken less than this after `repeat` rounds runs more, in forward-backward pairs, up
+    to twice `repeat`: a slow spell of the machine lasts 5-10 s, a round of the short cells
+    (batch 8 and 32) 7-35 s, so their fastest runs and medians rest on few spell-free rounds."""
     from transformers import AutoTokenizer
 
     wanted = set(check_systems(systems))
@@ -252,7 +256,9 @@ def run_bench(
                 system: (run, size) for system, _, run, size in SYSTEMS
                 if system in wanted and (size is None or batch == batch_sizes[0])  # batch-size-1 systems: once per workload
             }  # fmt: skip
-            for round_index in range(repeat):  # the systems alternate, so a slow spell of the machine hits them alike
+            started, round_index = time.perf_counter(), 0
+            while more_rounds(round_index, repeat, time.perf_counter() - started, cell_seconds):
+                # the systems alternate, so a slow spell of the machine hits them alike
                 seconds = []
                 for system in round_order(list(runs), round_index, base="specbatch-ar", beside=under_the_bar):
                     run, size = runs[system]
@@ -263,6 +269,7 @@ def run_bench(
                         best[system] = (m, memory.peak)
                 for system, pair in pairs(seconds, "specbatch-ar"):
                     paired.setdefault(system, []).append(pair)
+                round_index += 1
             reference = best["hf-generate"][0].outputs if "hf-generate" in best else None
             for system, method, _, size in SYSTEMS:
                 if system in best:
@@ -277,6 +284,14 @@ def run_bench(
     write_parquet(table, out_dir / "bench.parquet")
     plot(table, out_dir / "bench.png")
     return table
+
+
+def more_rounds(done: int, repeat: int, elapsed: float, cell_seconds: float) -> bool:
+    """Whether a cell runs another round: `repeat` of them, then, while the cell has taken under
+    cell_seconds, more in forward-backward pairs (round_order), up to twice `repeat`."""
+    if done < repeat:
+        return True
+    return done < 2 * repeat and ((done - repeat) % 2 == 1 or elapsed < cell_seconds)
 
 
 def under_the_bar(system: str) -> bool:
