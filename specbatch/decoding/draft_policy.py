@@ -328,9 +328,11 @@ class GoodputPolicy:
                 for k, goodput in zip(self.candidate_ks, self.costs.goodputs(arm, batch_size, self.candidate_ks)):
                     if (wave := self._wave_rate(Choice(arm, k), goodput, view)) > best[0]:
                         best = (wave, Choice(arm, k))
+        if best[0] < (1 + self._margin) * plain:
+            best = (plain, PLAIN_STEP)
         if best[1] is not choice:
             self._planned = None  # a plan's parts were predicted for the plan
-        return best if best[0] >= (1 + self._margin) * plain else (plain, PLAIN_STEP)
+        return best
 
     def _wave_rate(self, choice: Choice, rate: float, view: BatchView) -> float:
         """The choice's goodput `rate`, counting only the tokens that bring the job's end nearer.
