@@ -430,6 +430,35 @@ def test_rows_of_one_step_draft_what_the_policy_gives_each_and_verify_packed():
     assert (1, 4 + 1 + 1 + 1) in sizes  # row 0's draft and three last tokens, packed
 
 
+class Waves(RoundRobin):
+    """Plain steps; records each step's view of the last wave."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.waves: list[list[int] | None] = []
+
+    def choose(self, batch_size: int, view=None) -> Choice:
+        self.waves.append(view.wave)
+        return Choice("ar", 0)
+
+
+def test_the_policy_sees_each_rows_tokens_left_once_no_request_waits():
+    """The last wave (draft_policy._wave_rate): while requests wait the view has no wave; once
+    the last is admitted, each row's tokens left, counting down a step at a time."""
+    model = tiny_llama(seed=4, layers=2)
+    requests = [GenerationRequest(str(i), p, 4 + i) for i, p in enumerate(random_prompts(5, seed=3))]
+    policy = Waves()
+    run(model, requests, 2, NgramProposer(), policy)
+    first = next(i for i, w in enumerate(policy.waves) if w is not None)
+    assert first > 0 and all(w is None for w in policy.waves[:first])
+    assert all(w is not None and len(w) <= 2 and min(w) >= 1 for w in policy.waves[first:])
+    pairs = list(zip(policy.waves[first:], policy.waves[first + 1 :]))
+    assert any(len(a) == len(b) for a, b in pairs)
+    for before, after in pairs:
+        if len(before) == len(after):  # the same rows (nobody is admitted now): one token each, a plain step
+            assert after == [n - 1 for n in before]
+
+
 def test_the_lookup_index_finds_what_a_scan_of_the_row_finds():
     """The per-slot index grows with the row and answers as a scan backwards through it would:
     the most recent earlier occurrence of the longest tail; a new request in the slot is
