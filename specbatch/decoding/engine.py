@@ -283,9 +283,9 @@ class Engine:
         if self.policy is not None:
             prefixes = {id(p): len(p) for p in (cache.prefixes[s] for s in slots) if p is not None}
             context = sum(n - cache.offset(s) for s, n in zip(slots, seq_lens)) + sum(prefixes.values())
-            remaining = sum(r.remaining for r in rows) + scheduler.waiting_tokens
-            wave = None if scheduler.waiting else [r.remaining for r in rows]
-            view = BatchView(context, remaining, scheduler.desync_cost(), [r.drafts for r in rows], wave)
+            left = [r.remaining for r in rows]
+            wave = None if scheduler.waiting else left  # the job's last wave: nobody takes a freed slot
+            view = BatchView(context, sum(left) + scheduler.waiting_tokens, scheduler.desync_cost(), [r.drafts for r in rows], wave)
             choice = self.policy.choose(len(rows), view)
         k = choice.k if choice is not None else 0
         wanted = list(choice.rows) if choice is not None and choice.rows is not None else [k] * len(rows)
