@@ -272,6 +272,22 @@ def test_an_arm_scored_by_shadow_drafts_runs_where_it_pays_and_is_never_probed()
     assert good[50:].count("ngram") >= 240
 
 
+def test_an_arm_scored_by_shadow_drafts_runs_on_what_it_has_shown_not_on_the_prior():
+    """A shadow-scored arm is learned at no cost, so its acceptance is taken a lower bound below
+    the estimate (CostModel.caution): at batch 1 with an acceptance of 0.15 (the n-gram arm's
+    on sampled text), which does not pay for its 2 ms lookup, it never runs, though over its
+    first scores the hopeful prior (0.6,
+    four trials) says it would. (The second step is the opening probe: the target not yet seen
+    at two sizes.) The negative control, no caution, runs it then."""
+    flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
+    arm = {"ngram": (0.15, 0.002)}
+    cautious = auto_steps(GoodputPolicy(max_k=4), 1, 200, flat, arm, shadowed=["ngram"])
+    hopeful = GoodputPolicy(max_k=4)
+    hopeful.costs.caution = 0.0
+    assert cautious[1] == "ngram" and cautious[2:].count("ngram") == 0
+    assert auto_steps(hopeful, 1, 200, flat, arm, shadowed=["ngram"])[2:].count("ngram") >= 3
+
+
 def cohort_steps(acceptance: float, desync: float, apart: int = 0, steps: int = 120, batch: int = 8) -> list[str]:
     """Steps of a one-arm policy on cheap verification, the arm scored by shadow drafts. For the
     first `apart` steps the rows already finish apart; then they form a cohort whose rows would
@@ -583,3 +599,35 @@ def test_a_lookahead_step_with_no_candidate_is_the_arms_step_not_a_plain_one():
     run(model, requests, 3, NgramProposer(), policy)
     no_match = [m for m in policy.measured if not any(m.num_draft)]
     assert no_match and all(m.arm == "ar" and m.target_tokens == len(m.num_draft) for m in no_match)
+
+
+class Probes(RoundRobin):
+    """Lookahead every step, as probes or not."""
+
+    def __init__(self, k: int, probe: bool) -> None:
+        super().__init__(k)
+        self.probe = probe
+
+    def choose(self, batch_size: int, view=None) -> Choice:
+        return Choice("lookahead", self.k, probe=self.probe)
+
+
+def test_a_probe_with_nothing_to_verify_is_a_plain_step():
+    """A probe is run to learn what an arm yields: a lookahead step whose pool holds no
+    candidate after the row's last token (its window alone) would verify nothing, so a probe
+    there runs plain; the same choice, not a probe, rides the window. Greedy output is plain
+    decoding's either way."""
+    model = tiny_llama(seed=4, layers=2)
+    repeating = [5, 6, 7, 8] * 4  # its last token is followed by 5, 6, 7 earlier: a candidate in the pool
+    requests = [GenerationRequest(str(i), p, 10) for i, p in enumerate(random_prompts(2, seed=5) + [repeating])]
+    reference = run(model, requests, 1)
+    for probe in (False, True):
+        results = run(model, requests, 1, LookaheadProposer(ngram=4), Probes(3, probe))
+        assert [r.completion_ids for r in results] == [r.completion_ids for r in reference]
+        steps = [s for r in results for s in r.steps]
+        window_alone = [s for s in steps if s.method == "lookahead" and s.drafted == 0]  # no candidate after the last token
+        if probe:
+            assert not window_alone
+            assert any(s.method == "lookahead" and s.drafted for s in steps)  # where the pool had one, it drafted
+        else:
+            assert window_alone

@@ -77,6 +77,12 @@ class ArmSet:
         self.tried[arm] += 1
         return draft
 
+    def would_verify(self, arm: str, slots: list[int], seqs: list[list[int]]) -> bool:
+        """Whether the arm's step would verify a draft in some row (see Proposer); an arm that
+        cannot tell would."""
+        check = getattr(self.arms[arm], "would_verify", None)
+        return check is None or any(check(slot, seq) for slot, seq in zip(slots, seqs))
+
     def shadow(self, arm: str, slot: int, seq: list[int], k: int) -> list[int]:
         return self.arms[arm].shadow(slot, seq, k)
 

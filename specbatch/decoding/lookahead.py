@@ -91,6 +91,11 @@ class LookaheadProposer:
             rng = random.Random(len(seq) * 7919 + seq[-1])
             self._levels[slot] = [[rng.choice(seq) for _ in range(self.W)] for _ in range(n - 1)]
 
+    def would_verify(self, slot: int, seq: list[int]) -> bool:
+        """Whether the pool holds a candidate after the row's last token."""
+        self._observe(slot, seq)
+        return bool(self._pools[slot].get(seq[-1]))
+
     def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
         t0 = time.perf_counter()
         rows: list[tuple[list[int], list[int], list[list[int]]]] = []  # (tokens, depth, candidates)

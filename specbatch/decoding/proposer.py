@@ -40,6 +40,10 @@ class Proposer(Protocol):
     # Optional: shadow(slot, seq, k) -> the tokens propose would draft for that row now, without
     # drafting; a deterministic proposer that needs no model (n-gram lookup) can say so for every
     # row at every step, and the engine learns its acceptance from what the rows emit.
+    # Optional: would_verify(slot, seq) -> whether propose would give that row something to
+    # verify now; a proposer whose step can carry nothing to verify (lookahead with no pool entry
+    # after the last token: its window alone) says so, and a probe, which is run to learn the
+    # arm's acceptance, is then a plain step.
 
     def start(self, num_slots: int, capacity: int) -> None:
         """A new engine run: size per-slot state."""
