@@ -62,10 +62,10 @@ run to be learned is tried where it might win. An arm scored by shadow drafts is
 cost every step, and hope there only runs it on what it has not shown: at batch 1 on sampled
 text the n-gram arm, a raw 0.15 in shadow and 0.18 in its own steps, was priced at 0.3-0.57 by
 the prior over its first 40 steps, and drafted 30-44 steps a job, most for one token (11 of 159
-drafts accepted in one run: 0.93x of plain decoding). Its acceptance is taken `caution` standard errors below the estimate,
-sqrt(a (1 - a) / (trials + 4)): a copying arm's, 0.9 over a hundred trials, loses 0.03; one
-accepted of its first two, 0.2. (At two standard errors copying at batch 1 kept 1.43x of plain
-decoding where it had 1.51x; at one, 1.49x.)
+drafts accepted in one run: 0.93x of plain decoding). Its acceptance is taken `caution`
+standard errors below the estimate, sqrt(a (1 - a) / (trials + 4)): a copying arm's, 0.9 over a
+hundred trials, loses 0.03; one accepted of its first two, 0.2. (At two standard errors copying
+at batch 1 kept 1.43x of plain decoding where it had 1.51x; at one, 1.49x.)
 """
 
 from __future__ import annotations
