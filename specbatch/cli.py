@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell-seconds",
         type=float,
         default=0.0,
-        help="a cell (workload, batch size) that took under this after --repeat rounds runs more, up to twice "
+        help="a cell (workload, batch size) that took under this after --repeat rounds runs more, up to four times "
         "--repeat: short cells, where a slow spell of a shared machine weighs most (default: 0, exactly --repeat)",
     )
     bench.add_argument(

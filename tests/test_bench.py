@@ -135,8 +135,8 @@ def test_bench_runs_the_workloads_asked_for(tmp_path, monkeypatch):
 
 def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monkeypatch):
     """--repeat rounds, then, in a cell that took under --cell-seconds, more in pairs, up to
-    twice --repeat; a long cell runs --repeat only."""
-    assert [runner.more_rounds(done, 3, 1.0, 10.0) for done in range(7)] == [True] * 6 + [False]
+    four times --repeat; a long cell runs --repeat only."""
+    assert [runner.more_rounds(done, 3, 1.0, 10.0) for done in range(13)] == [True] * 12 + [False]
     assert [runner.more_rounds(done, 3, 50.0, 10.0) for done in range(4)] == [True, True, True, False]
     assert runner.more_rounds(3, 2, 50.0, 10.0)  # the second of a pair begun while the cell was short
     assert not runner.more_rounds(2, 2, 1.0, 0.0) and not runner.more_rounds(1, 1, 1.0, 0.0)
@@ -147,7 +147,7 @@ def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monke
     )
     args = dict(quick=True, batch_sizes=[2], model="random-tiny", systems=["specbatch-ar"], workloads=["n4-sampling"], repeat=2)
     runner.run_bench(tmp_path, **args, cell_seconds=3600.0)
-    assert len(runs) == 4
+    assert len(runs) == 8
     runs.clear()
     runner.run_bench(tmp_path, **args)
     assert len(runs) == 2
