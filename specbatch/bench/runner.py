@@ -12,6 +12,7 @@ every system, whatever it recomputes.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import tempfile
@@ -263,6 +264,7 @@ def run_bench(
                 seconds = []
                 for system in round_order(list(runs), round_index, base="specbatch-ar", beside=under_the_bar):
                     run, size = runs[system]
+                    gc.collect()  # the last run's garbage is not this run's to collect
                     with PeakMemory(device) as memory:
                         m = run(models, w, size or batch)
                     seconds.append((system, m.seconds))
