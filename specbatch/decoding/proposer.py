@@ -92,15 +92,31 @@ class DraftModelProposer:
         self.last_forwards: list[tuple[int, int, float]] = []  # (rows, tokens, seconds) of the last propose
 
     def start(self, num_slots: int, capacity: int) -> None:
-        self.cache = SlotKVCache(self.model.config, num_slots, capacity, self.device, self.dtype)
+        # The cache is allocated at the first proposal: auto's arms that never draft in a run (a
+        # batch of 32 that stays plain) would zero a KV cache each, the layer-skip view's the
+        # size of the target's.
+        self.cache = None
+        self._size = (num_slots, capacity)
+        self._prefixes: list[SharedPrefix | None] = [None] * num_slots
 
     def admit(self, slot: int, prefix: SharedPrefix | None) -> None:
         if prefix is not None and not supports_cascade(self.model):
             prefix = None
-        self.cache.reset(slot, prefix)
+        self._prefixes[slot] = prefix
+        if self.cache is not None:
+            self.cache.reset(slot, prefix)
 
     def release(self, slot: int) -> None:
-        self.cache.reset(slot)
+        self._prefixes[slot] = None
+        if self.cache is not None:
+            self.cache.reset(slot)
+
+    def _allocated(self) -> SlotKVCache:
+        if self.cache is None:
+            self.cache = SlotKVCache(self.model.config, *self._size, self.device, self.dtype)
+            for slot, prefix in enumerate(self._prefixes):
+                self.cache.reset(slot, prefix)
+        return self.cache
 
     @torch.inference_mode()
     def propose(self, slots: list[int], seqs: list[list[int]], num_draft: list[int], sampling: RowSampling) -> Draft:
@@ -111,7 +127,7 @@ class DraftModelProposer:
         probs = torch.zeros(batch, max_k, vocab, device=self.device)
         drafted = [0] * batch
         live = [b for b in range(batch) if num_draft[b] > 0]
-        cache = self.cache
+        cache = self._allocated()
         feeds = [seqs[b][cache.position(slots[b]) :] for b in live]
         self.last_forwards = []
         t_forward = time.perf_counter()
