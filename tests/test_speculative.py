@@ -138,6 +138,38 @@ def test_draft_equal_to_target_accepts_everything(target):
     assert all(r.target_steps == 3 for r in results)  # prefill 1 token, then 5 + 5
 
 
+def test_a_draft_cache_is_allocated_at_its_first_proposal_with_the_rows_prefixes(target):
+    """auto's draft arms that never draft in a run allocate no KV cache; one that starts late
+    allocates it then, with each admitted row's shared prefix, and the output stays exact."""
+    draft = noisy_copy(target, 0.3, seed=1)
+    proposer = DraftModelProposer(draft)
+    allocated, shared = [], []  # before each step: the cache allocated; every slot reading the prefix
+
+    class LateDraft(FixedPolicy):  # plain for three steps, then K = 2
+        steps = 0
+
+        def choose(self, batch_size, view=None):
+            self.steps += 1
+            allocated.append(proposer.cache is not None)
+            if proposer.cache is not None:
+                shared.append(all(p is not None for p in proposer.cache.prefixes))
+            return Choice(self.arm, 0 if self.steps <= 3 else 2)
+
+    prefix = random_prompts(1, lo=12, hi=13, seed=5)[0]
+    prompts = [prefix + p for p in random_prompts(6, lo=2, hi=8, seed=6)]
+    requests = [GenerationRequest(str(i), p, 10, SamplingParams(), 0, len(prefix)) for i, p in enumerate(prompts)]
+    plain = run(target, requests, 3, eos=())
+    engine = Engine(target, [], 3, proposer=proposer, policy=LateDraft(2))
+    drafted = engine.generate(requests)
+    assert [r.completion_ids for r in drafted] == [r.completion_ids for r in plain]
+    assert allocated[:4] == [False] * 4 and allocated[4] and shared[0]
+    assert any(r.cached_prefix_tokens for r in drafted)  # the rows did read a shared prefix
+    assert sum(r.drafted_tokens for r in drafted) > 0
+    idle = DraftModelProposer(draft)
+    Engine(target, [], 3, proposer=idle, policy=FixedPolicy(0)).generate(requests)
+    assert idle.cache is None
+
+
 # ---------------------------------------------------------------- sampling: the target's distribution
 
 
