@@ -119,6 +119,7 @@ def test_the_cost_of_rows_finishing_apart_while_they_still_finish_together():
     eager.admit()
     assert eager.desync_cost() == pytest.approx(7 / 32)  # a prefill for every row
     s.finish(3)
+    assert s.desync_cost() == pytest.approx(6 / 32)  # asked again once a row has gone: one row fewer to split
     waited = 0
     while not s.admit():  # one free slot waits 8 slot-steps, then goes alone
         waited += 1

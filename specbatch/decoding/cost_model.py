@@ -111,14 +111,29 @@ class Recent:
 
     def __init__(self, value: float) -> None:
         self.values = [value]
-        self.value = self.median = value
+        self._summary: tuple[float, float] | None = (value, value)  # (mean, median); None: values changed since
 
     def add(self, value: float) -> None:
+        # Summarized when read, not here: a plain step adds to three of these and the policy,
+        # settled on plain, reads them once every few steps.
         self.values = self.values[1 - self.window :] + [value]
-        ordered = sorted(self.values)
-        self.median = ordered[(len(ordered) - 1) // 2]  # the lower one of an even count
-        kept = [v for v in ordered if v <= 2 * self.median]
-        self.value = sum(kept) / len(kept)
+        self._summary = None
+
+    @property
+    def value(self) -> float:
+        return self._summarize()[0]
+
+    @property
+    def median(self) -> float:
+        return self._summarize()[1]
+
+    def _summarize(self) -> tuple[float, float]:
+        if self._summary is None:
+            ordered = sorted(self.values)
+            median = ordered[(len(ordered) - 1) // 2]  # the lower one of an even count
+            kept = [v for v in ordered if v <= 2 * median]
+            self._summary = (sum(kept) / len(kept), median)
+        return self._summary
 
 
 def remember(estimates: dict, key, value: float, capacity: int) -> None:
