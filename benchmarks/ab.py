@@ -1,12 +1,16 @@
 """Two or more `specbatch bench` systems on one cell (workload, batch size), alternated, in one
 process: the A/B a full bench run is too noisy for, on a shared machine.
 
-    python benchmarks/ab.py WORKLOAD BATCH [--repeat 3] SYSTEM [SYSTEM...]
+    python benchmarks/ab.py WORKLOAD BATCH [--repeat 3] [--sandwich] SYSTEM [SYSTEM...]
 
 SYSTEM is a bench system name (`specbatch-ar`, `specbatch-auto`, ...), optionally with
 `:ADMIT_WAIT` to run the engine with that admit_wait. Prints each one's fastest run, its ratio to
 the first system's fastest, the median of the per-round ratios to the first, every run's seconds,
 and its decode steps by arm. Demo models, CPU, fp32, the bench's prompts.
+
+--sandwich runs the first system before and after each other one (A B A C A ..., reversed every
+other round), and a round's ratio is the mean of the two runs of A around a run over that run: a
+drift of the machine's speed over the three runs cancels, where a ratio to one neighbour keeps it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("batch", type=int)
     parser.add_argument("systems", nargs="+")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sandwich", action="store_true", help="each system between two runs of the first")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
@@ -45,8 +50,15 @@ def main() -> None:
     real_init = engine.Engine.__init__
     times: dict[str, list[float]] = {spec: [] for spec in args.systems}
     arms: dict[str, str | None] = {}
+    base, others = args.systems[0], args.systems[1:]
+    around: dict[str, list[float]] = {spec: [] for spec in others}  # --sandwich: per run, the mean of the first's runs around it
     for round_index in range(args.repeat):
-        for spec in round_order(args.systems, round_index):
+        if args.sandwich:
+            order = [base] + [x for spec in others for x in (spec, base)]
+            order = order if round_index % 2 == 0 else order[::-1]
+        else:
+            order = round_order(args.systems, round_index)
+        for position, spec in enumerate(order):
             name, _, wait = spec.partition(":")
 
             def init(self, *a, _wait=wait, **k):
@@ -59,9 +71,19 @@ def main() -> None:
             engine.Engine.__init__ = real_init
             times[spec].append(m.seconds)
             arms[spec] = m.arms
-    first = times[args.systems[0]]
+            if args.sandwich and spec != base:
+                around[spec].append(position)
+        if args.sandwich:  # the first's runs of this round, in order: the run before each other one and the one after
+            runs_of_base = times[base][-(len(others) + 1) :]
+            for spec in others:
+                at = around[spec].pop() // 2  # its run sits between the first's runs at and at + 1
+                around[spec].append((runs_of_base[at] + runs_of_base[at + 1]) / 2)
+    first = times[base]
     for spec in args.systems:
-        paired = paired_ratio(first, times[spec])
+        if args.sandwich and spec != base:
+            paired = paired_ratio(around[spec], times[spec])
+        else:
+            paired = paired_ratio(first, times[spec])
         print(
             f"{args.workload} b{args.batch} {spec:34} fastest {min(times[spec]):.3f}s  x first {min(first) / min(times[spec]):.2f}"
             f"  paired {paired:.2f}  runs {[round(t, 2) for t in times[spec]]}  {arms[spec] or ''}"
