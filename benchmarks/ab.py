@@ -11,6 +11,8 @@ and its decode steps by arm. Demo models, CPU, fp32, the bench's prompts.
 --sandwich runs the first system before and after each other one (A B A C A ..., reversed every
 other round), and a round's ratio is the mean of the two runs of A around a run over that run: a
 drift of the machine's speed over the three runs cancels, where a ratio to one neighbour keeps it.
+Read the paired ratio then: "x first" sets each one's fastest against the fastest of the first's
+runs, one more a round than all the others' together, which favours the first.
 """
 
 from __future__ import annotations
