@@ -60,7 +60,8 @@ def main() -> None:
             order = order if round_index % 2 == 0 else order[::-1]
         else:
             order = round_order(args.systems, round_index)
-        for position, spec in enumerate(order):
+        done = []  # this round's (system, seconds), in the order run
+        for spec in order:
             name, _, wait = spec.partition(":")
 
             def init(self, *a, _wait=wait, **k):
@@ -73,13 +74,10 @@ def main() -> None:
             engine.Engine.__init__ = real_init
             times[spec].append(m.seconds)
             arms[spec] = m.arms
-            if args.sandwich and spec != base:
-                around[spec].append(position)
-        if args.sandwich:  # the first's runs of this round, in order: the run before each other one and the one after
-            runs_of_base = times[base][-(len(others) + 1) :]
-            for spec in others:
-                at = around[spec].pop() // 2  # its run sits between the first's runs at and at + 1
-                around[spec].append((runs_of_base[at] + runs_of_base[at + 1]) / 2)
+            done.append((spec, m.seconds))
+        if args.sandwich:  # every other run is one of the others, between two of the first's
+            for i in range(1, len(done), 2):
+                around[done[i][0]].append((done[i - 1][1] + done[i + 1][1]) / 2)
     first = times[base]
     for spec in args.systems:
         if args.sandwich and spec != base:
