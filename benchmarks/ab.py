@@ -11,6 +11,7 @@ and its decode steps by arm. Demo models, CPU, fp32, the bench's prompts.
 --sandwich runs the first system before and after each other one (A B A C A ..., reversed every
 other round), and a round's ratio is the mean of the two runs of A around a run over that run: a
 drift of the machine's speed over the three runs cancels, where a ratio to one neighbour keeps it.
+It is how `specbatch bench` pairs the systems under issue 14's bar (runner.round_order, pairs).
 Read the paired ratio then: "x first" sets each one's fastest against the fastest of the first's
 runs, one more a round than all the others' together, which favours the first.
 """
@@ -24,7 +25,7 @@ from transformers import AutoTokenizer
 
 from specbatch.bench import systems
 from specbatch.bench.models import load_pair
-from specbatch.bench.runner import paired_ratio, round_order
+from specbatch.bench.runner import paired_ratio, pairs, round_order
 from specbatch.bench.workloads import WORKLOADS, make_workloads
 from specbatch.decoding import engine
 from specbatch.workers.models import DEMO_MODELS
@@ -55,11 +56,7 @@ def main() -> None:
     base, others = args.systems[0], args.systems[1:]
     around: dict[str, list[float]] = {spec: [] for spec in others}  # --sandwich: per run, the mean of the first's runs around it
     for round_index in range(args.repeat):
-        if args.sandwich:
-            order = [base] + [x for spec in others for x in (spec, base)]
-            order = order if round_index % 2 == 0 else order[::-1]
-        else:
-            order = round_order(args.systems, round_index)
+        order = round_order(args.systems, round_index, base, beside=lambda s: args.sandwich)
         done = []  # this round's (system, seconds), in the order run
         for spec in order:
             name, _, wait = spec.partition(":")
@@ -76,8 +73,9 @@ def main() -> None:
             arms[spec] = m.arms
             done.append((spec, m.seconds))
         if args.sandwich:  # every other run is one of the others, between two of the first's
-            for i in range(1, len(done), 2):
-                around[done[i][0]].append((done[i - 1][1] + done[i + 1][1]) / 2)
+            for spec, (beside, _) in pairs(done, base):
+                if spec != base:
+                    around[spec].append(beside)
     first = times[base]
     for spec in args.systems:
         if args.sandwich and spec != base:

@@ -185,9 +185,9 @@ def run_bench(
     names from make_workloads; None: all of them. repeat:
     rounds per cell; the fastest run of each system is recorded (as timeit does: on a shared
     machine noise only ever adds time), and beside it two ratios to specbatch-ar, each against
-    the specbatch-ar run nearest it in its round (round_order runs one beside every system under
-    the bar): fastest against fastest, and paired, the median over rounds of the two runs'
-    ratio, seconds apart, so a slow spell hits both sides of a ratio alike. cell_seconds: a cell
+    specbatch-ar's runs beside it in its round (pairs: round_order runs every system under the
+    bar between two): fastest against fastest, and paired, the median over rounds of the runs'
+    ratio, seconds apart, so a slow spell or a drift hits both sides of a ratio alike. cell_seconds: a cell
     that has taken less than this after `repeat` rounds runs more, in forward-backward pairs, up
     to four times `repeat`: a slow spell of the machine lasts 5-10 s, a round of the short cells
     (batch 8 and 32) 7-35 s, so their fastest runs and medians rest on few spell-free rounds
@@ -308,28 +308,37 @@ def round_order(systems: list[str], round_index: int, base: str | None = None, b
     20-30% over a few minutes (one system alone, 14 runs in a row: 1.28 s to 1.74 s), so a fixed
     order makes the systems late in a round slower than those early in it.
 
-    Where `base` is among them, the systems `beside` selects run last, with a run of base beside
-    each (X Y A base B C base D E base): a slow spell of this machine lasts 5-10 s (plain decoding
+    Where `base` is among them, the systems `beside` selects run last, each between two runs of
+    base (X Y base A base B base): a slow spell of this machine lasts 5-10 s (plain decoding
     alone, 14 runs of 1 s: eleven at 0.97-1.04 s, three in a row at 1.23-1.33 s), shorter than a
     round of a dozen systems, so a ratio to base's one run a round elsewhere could land in a
     spell on one side only (plain decoding against itself, base once a round: 0.77-0.87 at the
-    lowest cell of a full run)."""
+    lowest cell of a full run), and a ratio to the mean of the runs either side of it cancels a
+    drift across the three (pairs)."""
     order = systems
     held = [s for s in systems if s != base and beside(s)]
     if base in systems and held:
-        order = [s for s in systems if s != base and not beside(s)]
-        for i, s in enumerate(held):
-            order += [s, base] if i % 2 == 0 else [s]
+        order = [s for s in systems if s != base and not beside(s)] + [base]
+        for s in held:
+            order += [s, base]
     return order if round_index % 2 == 0 else order[::-1]
 
 
 def pairs(seconds: list[tuple[str, float]], base: str) -> list[tuple[str, tuple[float, float]]]:
-    """Each run of a round, (system, seconds) in the order run, with the seconds of the run of
-    base nearest it (the earlier on a tie; base paired with itself), where base ran."""
+    """Each run of a round, (system, seconds) in the order run, with the seconds of base beside
+    it: the mean of base's runs right before and after it where both are base's (round_order's
+    sandwich), else base's run nearest it (the earlier on a tie); base is paired with itself.
+    None of it where base did not run."""
     at = [i for i, (s, _) in enumerate(seconds) if s == base]
     if not at:
         return []
-    return [(s, (seconds[min(at, key=lambda j: (abs(j - i), j))][1], t)) for i, (s, t) in enumerate(seconds)]
+
+    def beside(i: int) -> float:
+        if seconds[i][0] != base and 0 < i < len(seconds) - 1 and seconds[i - 1][0] == seconds[i + 1][0] == base:
+            return (seconds[i - 1][1] + seconds[i + 1][1]) / 2
+        return seconds[min(at, key=lambda j: (abs(j - i), j))][1]
+
+    return [(s, (beside(i), t)) for i, (s, t) in enumerate(seconds)]
 
 
 def to_base(pairs: list[tuple[float, float]]) -> tuple[float | None, float | None]:
