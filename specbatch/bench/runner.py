@@ -328,7 +328,7 @@ def pairs(seconds: list[tuple[str, float]], base: str) -> list[tuple[str, tuple[
     """Each run of a round, (system, seconds) in the order run, with the seconds of base beside
     it: the mean of base's runs right before and after it where both are base's (round_order's
     sandwich), else base's run nearest it (the earlier on a tie); base is paired with itself.
-    None of it where base did not run."""
+    Empty where base did not run."""
     at = [i for i, (s, _) in enumerate(seconds) if s == base]
     if not at:
         return []
