@@ -53,8 +53,8 @@ def main() -> None:
     real_init = engine.Engine.__init__
     times: dict[str, list[float]] = {spec: [] for spec in args.systems}
     arms: dict[str, str | None] = {}
-    base, others = args.systems[0], args.systems[1:]
-    around: dict[str, list[float]] = {spec: [] for spec in others}  # --sandwich: per run, the mean of the first's runs around it
+    base = args.systems[0]
+    beside: dict[str, list[float]] = {spec: [] for spec in args.systems}  # per run, the first's run(s) beside it (runner.pairs)
     for round_index in range(args.repeat):
         order = round_order(args.systems, round_index, base, beside=lambda s: args.sandwich)
         done = []  # this round's (system, seconds), in the order run
@@ -72,16 +72,11 @@ def main() -> None:
             times[spec].append(m.seconds)
             arms[spec] = m.arms
             done.append((spec, m.seconds))
-        if args.sandwich:  # every other run is one of the others, between two of the first's
-            for spec, (beside, _) in pairs(done, base):
-                if spec != base:
-                    around[spec].append(beside)
+        for spec, (seconds, _) in pairs(done, base):
+            beside[spec].append(seconds)
     first = times[base]
     for spec in args.systems:
-        if args.sandwich and spec != base:
-            paired = paired_ratio(around[spec], times[spec])
-        else:
-            paired = paired_ratio(first, times[spec])
+        paired = paired_ratio(beside[spec], times[spec])
         print(
             f"{args.workload} b{args.batch} {spec:34} fastest {min(times[spec]):.3f}s  x first {min(first) / min(times[spec]):.2f}"
             f"  paired {paired:.2f}  runs {[round(t, 2) for t in times[spec]]}  {arms[spec] or ''}"
