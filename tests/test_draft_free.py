@@ -329,8 +329,9 @@ def test_a_cohort_is_broken_only_by_measured_drafting_that_keeps_paying():
 
 def test_drafting_held_back_by_the_cohort_rule_is_weighed_every_few_steps_and_at_once_when_the_cohort_ends():
     """Weighing every arm and K is most of the policy's own cost (0.1-0.2 ms a step on the CPU).
-    Where the cohort rule holds drafting back it is weighed again once in recheck_after steps, as
-    where plain won; when the desync moves (the cohort ends), at the very next step, which drafts."""
+    Where the cohort rule holds drafting back it is weighed again after recheck_after steps,
+    twice as many each time after (up to recheck_most), as where plain won; when the desync moves
+    (the cohort ends), at the very next step, which drafts."""
     flat = lambda tokens: 0.010 + 0.00001 * tokens  # noqa: E731
     policy = GoodputPolicy(max_k=4)
     policy.bind(["ngram"], lambda arm, k: k)
@@ -351,7 +352,8 @@ def test_drafting_held_back_by_the_cohort_rule_is_weighed_every_few_steps_and_at
         shadows = {"ngram": (24, 2)} if not choice.k else {}
         policy.observe(StepMeasurement(choice.arm, choice.k, [choice.k] * 8, [choice.k] * 8, 8 * (1 + choice.k), flat(8), step_seconds=flat(8), shadows=shadows))
     assert chosen[:60] == ["ar"] * 60  # held back: the arm's steps were never measured
-    assert 50 / policy.recheck_after - 2 <= sum(weighed[10:60]) <= 50 / policy.recheck_after + 2
+    at = [step for step in range(60) if weighed[step]]
+    assert [b - a for a, b in zip(at, at[1:])] == [4, 8, 16, 16]
     assert weighed[60] and chosen[60] == "ngram"
 
 

@@ -269,7 +269,7 @@ def test_policy_drafts_long_when_acceptance_is_high_and_verification_cheap():
 
 
 def test_policy_falls_to_plain_steps_when_acceptance_is_low():
-    policy = GoodputPolicy(max_k=6)
+    policy = GoodputPolicy(max_k=6, explore_budget=0.05)
     feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
     assert policy.acceptance < 0.25  # down from the prior 0.6, on the few probes the budget allows
     assert policy.choose(4).plain
@@ -316,7 +316,8 @@ def test_the_engine_feeds_the_policy_what_each_step_cost(target, sharp_pair):
     draft's steady forwards by rows, its catch-up (the draft's prefill of new rows), acceptance."""
     draft = noisy_copy(target, 0.3, seed=2)
     # priced as free and accepting well, so that it drafts (a copy of the target never would)
-    policy = GoodputPolicy(max_k=3, costs=CostModel(prior_acceptance=0.95, share={"draft": 0.0}))
+    # (a short job: an unbounded budget, or its one try would not fit)
+    policy = GoodputPolicy(max_k=3, explore_budget=float("inf"), costs=CostModel(prior_acceptance=0.95, share={"draft": 0.0}))
     seen = []
     observe = policy.observe
     policy.observe = lambda m: (seen.append(m), observe(m))
@@ -541,6 +542,29 @@ def test_probes_stay_within_the_exploration_budget():
     assert policies[1].explored <= 0.005 * policies[1].elapsed + one_probe
 
 
+def test_a_probe_runs_only_where_what_is_left_of_the_budget_affords_it_whole():
+    """Probes may lose explore_budget (1%) of the job's time: so far, and to come in plain steps as
+    the view says. A probe must fit what is left of that whole, not only start within it. An arm
+    never run, that would win at its prior acceptance, whose two-token try is predicted to cost
+    3 ms more than a plain step of 10 ms: on a job of 20 plain steps (2 ms of budget) it is never
+    tried; on one of 1,000 at the first weighing."""
+
+    def first_try(remaining_steps: int) -> int | None:
+        policy = GoodputPolicy(max_k=6, costs=CostModel(prior_acceptance=0.9))
+        policy.bind(["window"], chunk=lambda arm, k: k + 2, share=lambda arm: 0.0)  # a window of 2 besides the draft
+        policy.prefilled(800, 0.090)  # with plain steps of 8 tokens in 10 ms: 0.1 ms a token more
+        for step in range(10):
+            choice = policy.choose(8, BatchView(context_tokens=800, remaining_tokens=8 * (remaining_steps - step)))
+            if choice.k:
+                assert choice.probe and choice.k == 2
+                return step
+            policy.observe(StepMeasurement("ar", 0, [0] * 8, [0] * 8, 8, 0.010, step_seconds=0.010))
+        return None
+
+    assert first_try(20) is None
+    assert first_try(1_000) == 1
+
+
 def mispredicted_steps(policy: GoodputPolicy, steps: int = 100) -> list[int]:
     """A model-free arm at batch 4 whose every step costs 1.4x what the target's line (a plain
     step, a 400-token prefill) predicts, at any K: each K not yet run looks 20-35% better than
@@ -611,11 +635,12 @@ def test_rows_that_finish_together_stay_together_unless_drafting_pays_for_it():
     """Where the batch's rows will finish in one step and be refilled in one prefill, drafting
     would end them apart for the rest of the job (view.desync: 25% at 32-token rows): a 30% gain
     does not pay for that and the 15% margin; neither does a probe to find it. Once the rows are
-    apart anyway (desync 0), or with no view, it drafts."""
+    apart anyway (desync 0), or with no view, it drafts (with no view, its first try waits for
+    the job so far to afford it: the exploration budget is a share of the time spent)."""
     together = lockstep_steps(BatchView(context_tokens=800, remaining_tokens=100_000, desync=0.25))
     assert not any(together)
     assert sum(lockstep_steps(BatchView(context_tokens=800, remaining_tokens=100_000, desync=0.0))) >= 50
-    assert sum(lockstep_steps(None)) >= 50
+    assert sum(lockstep_steps(None)) >= 40
 
 
 def test_a_probe_that_feeds_a_draft_every_row_waits_for_a_job_long_enough_to_repay_it():
@@ -660,20 +685,32 @@ def test_a_probe_is_not_worth_its_step_near_the_end_of_the_job():
 
 def test_where_plain_wins_drafting_is_weighed_again_only_every_few_steps():
     """Weighing every arm and K is host work on every step (0.1 ms, 2% of a plain step at batch 1
-    on the CPU): where plain won, it stays plain recheck_after steps before weighing again."""
+    on the CPU): where plain won, it stays plain recheck_after steps before weighing again, twice
+    as many each time plain wins again (up to recheck_most), and recheck_after again once rows come."""
 
-    def weighings(recheck_after: int) -> int:
-        policy = GoodputPolicy(max_k=6, recheck_after=recheck_after, explore_budget=0.0)
+    def weighings(recheck_after: int, recheck_most: int = 16, prefill_every: int = 0) -> int:
+        policy = GoodputPolicy(max_k=6, recheck_after=recheck_after, recheck_most=recheck_most, explore_budget=0.0)
         feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
         calls = []
         best = policy.best
         policy.best = lambda *a, **kw: (calls.append(a), best(*a, **kw))[1]
-        for _ in range(40):
+        weighed = []
+        for step in range(60):
+            if step == 0 or prefill_every and step % prefill_every == 0:  # rows come
+                policy.prefilled(4 * 20, 0.012)
+            before = len(calls)
             assert policy.choose(4).plain
             policy.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.010, step_seconds=0.010))
-        return len(calls)
+            if len(calls) > before:
+                weighed.append(step)
+        return weighed
 
-    assert weighings(4) <= 10 and weighings(1) >= 40
+    # (The wait set by feed's last plain step runs out at step 2.)
+    assert weighings(1, recheck_most=1) == list(range(60))
+    assert weighings(4, recheck_most=4) == list(range(2, 60, 4))
+    assert weighings(4) == [2, 6, 14, 30, 46]
+    # Rows come at steps 20 and 40: a wait set before them runs out, the next is 4 again.
+    assert weighings(4, prefill_every=20) == [2, 6, 14, 30, 34, 42, 46, 54]
 
 
 def plan_policy(per_token: float) -> GoodputPolicy:

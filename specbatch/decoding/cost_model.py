@@ -333,9 +333,9 @@ class CostModel:
     def parts(self, arm: str, batch: int, k: int) -> float:
         """The sum of a step's parts (the target's forward, the draft's, proposing, the rest),
         before calibration and without catch-up or admission: what the bias corrects."""
+        if arm == PLAIN or k == 0:  # every plain step asks (observe): only what it needs
+            return self.target.predict(batch) + (batch * self.rest[arm].value if arm in self.rest else 0.0)
         rest, _, forward, host, _, _ = self._shared(arm, batch)
-        if arm == PLAIN or k == 0:
-            return self.target.predict(batch) + rest
         return self._draft_parts(arm, batch, k, forward, host, rest)
 
     def plan_parts(self, arm: str, lengths: list[int]) -> float:

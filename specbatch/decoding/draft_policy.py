@@ -64,8 +64,11 @@ arm (a probe may cost a draft catch-up forward over everything it skipped). A pr
 step would verify nothing (lookahead with no candidate after any row's last token: its window
 alone, 9-10 ms for one token at batch 1 against plain's 5.4) runs plain (engine.py). Probes share a
 budget: what they took beyond what plain steps would have taken for the same tokens stays under
-`explore_budget` of the job's time so far (a probe at batch 32 that first feeds the draft every
-row it skipped cost four plain steps).
+`explore_budget` of the job's time, so far and (where the engine says what is left) to come in
+plain steps. A probe runs only where its predicted cost fits what is left of the budget whole
+(a probe at batch 32 that first feeds the draft every row it skipped cost four plain steps; of
+lookahead at batch 8, 2-3 plain steps: started on an unspent budget, the first probes of the draft
+model and lookahead took 1-2% of every 1-2 s job of the CPU bench at batch 8, where neither won).
 
 The first step is plain. The engine reports each prefill forward, which shows the target's cost
 at another size, so the steps after it are predicted. Without one (the target seen at one size: a
@@ -141,8 +144,9 @@ class GoodputPolicy:
     hopeful_acceptance: float = 0.9  # an arm sitting out is probed only if it would win at this acceptance
     refresh_after: int = 32  # at most this many drafting steps at a batch size before a plain step re-measures plain
     refresh_cost: float = 0.01  # re-measuring plain may cost this share of a drafting arm's predicted time
-    explore_budget: float = 0.02  # probes may lose at most this share of the time so far against plain steps
+    explore_budget: float = 0.01  # probes may lose at most this share of the job's time against plain steps
     recheck_after: int = 4  # plain steps at a batch size before drafting is weighed there again
+    recheck_most: int = 16  # ... doubling each time plain wins again there, up to this many (see choose)
     probe_payoff: float = 0.25  # a probe's draft prefill must cost under this share of the gain it might find
     row_prior: float = 2.0  # trials of the arm's acceptance a row's own record starts from
     shadows: bool = True  # learn acceptance from shadow drafts where an arm can give them (engine.py)
@@ -159,6 +163,7 @@ class GoodputPolicy:
     saving_decay: float = 0.9  # per step: the saving below remembers about the last ten steps
     saving: float = 0.0  # decayed share of each recent step's time that drafting was predicted to save (0: plain won)
     _settled: dict = field(default_factory=dict)  # batch size -> (the step before which it stays plain unweighed, saving, desync)
+    _plain_streak: dict = field(default_factory=dict)  # batch size -> weighings in a row that chose plain there since rows last came
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last plain step at it
     _planned: float | None = None  # this step's plan: the seconds its parts were predicted to take (CostModel.plan_parts)
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
@@ -239,7 +244,7 @@ class GoodputPolicy:
             # Never run: its predicted gain rests on the prior acceptance. Trying it is exploration,
             # a short probe within the budget, like any probe (an n-gram arm's first try on sampled
             # text yielded a third of its prediction).
-            if self._within_budget and self._worth(choice.arm, batch_size, rate, plain, view):
+            if self._worth(choice.arm, batch_size, rate, plain, view):
                 return self._probe(choice.arm, choice.k)
             rate, choice = self._best_or_plain(batch_size, [a for a in self.arms if self.costs.measured(a)], plain)
         elif not choice.plain and not self.costs.measured(choice.arm):  # its shadow drafts are not scored yet
@@ -265,14 +270,23 @@ class GoodputPolicy:
         for arm in self.arms:  # an arm sitting out long enough, that could win if it accepted well
             if arm == choice.arm or self.costs.shadowed(arm) or self._steps - self._last_run.get(arm, 0) < self._wait.get(arm, self.probe_after):
                 continue
-            if not self._within_budget:
+            if self.explored >= self._budget(view, plain):
                 break
             hope, _ = self.best(batch_size, [arm], self.hopeful_acceptance)
             if hope >= (1 + self._margin + desync) * rate and self._worth(arm, batch_size, hope, rate, view):
                 return self._probe(arm, self.max_k)
-        if choice.plain:  # weighed again in a few steps, or as soon as the desync moves
-            self._settled[batch_size] = (self._steps + self.recheck_after, saved, desync)
+        if choice.plain:
+            # Weighed again in a few steps, or as soon as the desync moves; the wait doubles each
+            # time plain is chosen again, until rows come (prefilled) or drafting is chosen. The
+            # same rows rarely turn within a few steps, a saving held back by the cohort rule goes
+            # on as last weighed, and weighing every four steps was a third of auto's own host
+            # work at batch 8 on the CPU (about 0.6% of the job).
+            streak = self._plain_streak.get(batch_size, 0)
+            self._plain_streak[batch_size] = streak + 1
+            wait = min(self.recheck_after << streak, max(self.recheck_most, self.recheck_after))
+            self._settled[batch_size] = (self._steps + wait, saved, desync)
             return choice
+        self._plain_streak.pop(batch_size, None)
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
         return self._ran(choice)
@@ -370,28 +384,39 @@ class GoodputPolicy:
         return (rate, choice) if rate >= (1 + self._margin) * plain else (plain, PLAIN_STEP)
 
     def _worth(self, arm: str, batch_size: int, rate: float, plain: float, view: BatchView | None) -> bool:
-        """Whether the job left is long enough for a probe of arm to pay. It costs what its draft
-        must first prefill (every row's context, at most; the draft's share of a target forward
-        over it), what its step costs beyond plain's should it accept nothing, and where rows now
-        finish together, their lockstep: a probe of two tokens ended the first wave's rows two
-        steps apart, and they stayed apart (view.desync of the rest of the job). That must stay
+        """Whether a probe of arm fits what is left of the exploration budget, and the job left
+        is long enough for it to pay. A probe costs what its draft must first prefill (every
+        row's context, at most; the draft's share of a target forward over it) and what its step
+        costs beyond plain's should it accept nothing: that must fit the budget whole, not only
+        start within it (a probe of lookahead at batch 8 took 17-27 ms against plain's 7.4, of
+        the draft model the prefill of eight prompts; started on an unspent budget, such probes
+        took 1-2% of a 1.1 s job, every job of the CPU bench). Where rows now finish together it
+        also costs their lockstep: a probe of two tokens ended the first wave's rows two steps
+        apart, and they stayed apart (view.desync of the rest of the job). All of it must stay
         under probe_payoff of what the arm would save over the rest of the job if it ran at
         `rate` against `plain` (both tokens per second). A probe of the draft model at batch 32
         fed it 32 prompts, a tenth of a 64-request job; on a long job the same probe is cheap.
         Near the job's end nothing is: lookahead and the draft model probed with two rows and
         a few tokens left took 15-17 ms for 4 tokens against plain's 7 ms for 2."""
+        if not plain > 0:
+            return False
+        step = self.costs.seconds(arm, batch_size, min(self.probe_k, self.max_k)) - batch_size / plain
+        context = view.context_tokens if view is not None else 0
+        cost = self.costs.share.get(arm, 0.0) * self.costs.target.predict(context) + max(step, 0.0)
+        if self.explored + cost > self._budget(view, plain):
+            return False
         if view is None:
             return True
-        if not rate > plain > 0:
+        if not rate > plain:
             return False
         left = view.remaining_tokens / plain  # seconds, in plain steps
-        step = self.costs.seconds(arm, batch_size, min(self.probe_k, self.max_k)) - batch_size / plain
-        cost = self.costs.share.get(arm, 0.0) * self.costs.target.predict(view.context_tokens) + max(step, 0.0) + view.desync * left
-        return cost <= self.probe_payoff * (1 - plain / rate) * left
+        return cost + view.desync * left <= self.probe_payoff * (1 - plain / rate) * left
 
-    @property
-    def _within_budget(self) -> bool:
-        return self.explored <= self.explore_budget * self.elapsed
+    def _budget(self, view: BatchView | None, plain: float) -> float:
+        """Seconds probes may lose in all: explore_budget of the job's time so far and, where the
+        view says what is left, of what that takes in plain steps (plain: tokens per second)."""
+        left = view.remaining_tokens / plain if view is not None and plain > 0 else 0.0
+        return self.explore_budget * (self.elapsed + left)
 
     def _probe(self, arm: str, k: int) -> Choice:
         """A short draft of an arm to learn what it yields: exploration, charged to the budget."""
@@ -414,8 +439,9 @@ class GoodputPolicy:
         return choice
 
     def prefilled(self, tokens: int, seconds: float) -> None:
-        """A prefill forward ran (see CostModel.prefilled)."""
+        """A prefill forward ran (see CostModel.prefilled): rows came, and are weighed afresh."""
         self.costs.prefilled(tokens, seconds)
+        self._plain_streak.clear()
 
     def observe(self, measurement: StepMeasurement) -> None:
         batch = len(measurement.num_draft)
