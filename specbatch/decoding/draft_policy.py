@@ -146,7 +146,7 @@ class GoodputPolicy:
     refresh_cost: float = 0.01  # re-measuring plain may cost this share of a drafting arm's predicted time
     explore_budget: float = 0.01  # probes may lose at most this share of the job's time against plain steps
     recheck_after: int = 4  # plain steps at a batch size before drafting is weighed there again
-    recheck_most: int = 16  # ... doubling each time plain wins again there, up to this many (see choose)
+    recheck_most: int = 16  # ... doubling each time plain is chosen again there, up to this many (see choose)
     probe_payoff: float = 0.25  # a probe's draft prefill must cost under this share of the gain it might find
     row_prior: float = 2.0  # trials of the arm's acceptance a row's own record starts from
     shadows: bool = True  # learn acceptance from shadow drafts where an arm can give them (engine.py)
@@ -401,8 +401,9 @@ class GoodputPolicy:
         if not plain > 0:
             return False
         step = self.costs.seconds(arm, batch_size, min(self.probe_k, self.max_k)) - batch_size / plain
-        context = view.context_tokens if view is not None else 0
-        cost = self.costs.share.get(arm, 0.0) * self.costs.target.predict(context) + max(step, 0.0)
+        cost = max(step, 0.0)
+        if view is not None:  # (without one, what the draft would prefill is not known)
+            cost += self.costs.share.get(arm, 0.0) * self.costs.target.predict(view.context_tokens)
         if self.explored + cost > self._budget(view, plain):
             return False
         if view is None:
