@@ -688,7 +688,7 @@ def test_where_plain_wins_drafting_is_weighed_again_only_every_few_steps():
     on the CPU): where plain won, it stays plain recheck_after steps before weighing again, twice
     as many each time plain wins again (up to recheck_most), and recheck_after again once rows come."""
 
-    def weighings(recheck_after: int, recheck_most: int = 16, prefill_every: int = 0) -> int:
+    def weighings(recheck_after: int, recheck_most: int = 16, prefill_every: int = 0) -> list[int]:
         policy = GoodputPolicy(max_k=6, recheck_after=recheck_after, recheck_most=recheck_most, explore_budget=0.0)
         feed(policy, 4, 0.05, overhead_bound, lambda rows: 0.003)
         calls = []

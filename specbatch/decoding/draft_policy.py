@@ -163,7 +163,7 @@ class GoodputPolicy:
     saving_decay: float = 0.9  # per step: the saving below remembers about the last ten steps
     saving: float = 0.0  # decayed share of each recent step's time that drafting was predicted to save (0: plain won)
     _settled: dict = field(default_factory=dict)  # batch size -> (the step before which it stays plain unweighed, saving, desync)
-    _plain_streak: dict = field(default_factory=dict)  # batch size -> weighings in a row that chose plain there since rows last came
+    _plain_wait: dict = field(default_factory=dict)  # batch size -> the wait set by the last of the weighings in a row that chose plain there since rows last came
     _plain_at: dict = field(default_factory=dict)  # batch size -> the last plain step at it
     _planned: float | None = None  # this step's plan: the seconds its parts were predicted to take (CostModel.plan_parts)
     probes: int = 0  # probes so far: an opening, an arm's first try, an arm sitting out
@@ -281,12 +281,12 @@ class GoodputPolicy:
             # same rows rarely turn within a few steps, a saving held back by the cohort rule goes
             # on as last weighed, and weighing every four steps was a third of auto's own host
             # work at batch 8 on the CPU (about 0.6% of the job).
-            streak = self._plain_streak.get(batch_size, 0)
-            self._plain_streak[batch_size] = streak + 1
-            wait = min(self.recheck_after << streak, max(self.recheck_most, self.recheck_after))
+            last = self._plain_wait.get(batch_size)
+            wait = self.recheck_after if last is None else max(min(2 * last, self.recheck_most), self.recheck_after)
+            self._plain_wait[batch_size] = wait
             self._settled[batch_size] = (self._steps + wait, saved, desync)
             return choice
-        self._plain_streak.pop(batch_size, None)
+        self._plain_wait.pop(batch_size, None)
         if self._steps - self._plain_at.get(batch_size, 0) > self.refresh_interval(rate / plain - 1):
             return PLAIN_STEP
         return self._ran(choice)
@@ -442,7 +442,7 @@ class GoodputPolicy:
     def prefilled(self, tokens: int, seconds: float) -> None:
         """A prefill forward ran (see CostModel.prefilled): rows came, and are weighed afresh."""
         self.costs.prefilled(tokens, seconds)
-        self._plain_streak.clear()
+        self._plain_wait.clear()
 
     def observe(self, measurement: StepMeasurement) -> None:
         batch = len(measurement.num_draft)
