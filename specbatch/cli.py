@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell-seconds",
         type=float,
         default=0.0,
-        help="a cell (workload, batch size) that took under this after --repeat rounds runs more, up to four times "
-        "--repeat: short cells, where a slow spell of a shared machine weighs most (default: 0, exactly --repeat)",
+        help="a cell (workload, batch size) that took under this after --repeat rounds runs more, up to eight times "
+        "--repeat, of specbatch-ar and the systems held to 0.95x of it (adaptive, auto, the control): short cells, "
+        "where a slow spell of a shared machine weighs most (default: 0, exactly --repeat)",
     )
     bench.add_argument(
         "--systems", default=None, help="comma-separated system names to run (default: all; e.g. specbatch-ar,specbatch-auto)"

@@ -135,8 +135,8 @@ def test_bench_runs_the_workloads_asked_for(tmp_path, monkeypatch):
 
 def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monkeypatch):
     """--repeat rounds, then, in a cell that took under --cell-seconds, more in pairs, up to
-    four times --repeat; a long cell runs --repeat only."""
-    assert [runner.more_rounds(done, 3, 1.0, 10.0) for done in range(13)] == [True] * 12 + [False]
+    eight times --repeat; a long cell runs --repeat only."""
+    assert [runner.more_rounds(done, 3, 1.0, 10.0) for done in range(25)] == [True] * 24 + [False]
     assert [runner.more_rounds(done, 3, 50.0, 10.0) for done in range(4)] == [True, True, True, False]
     assert runner.more_rounds(3, 2, 50.0, 10.0)  # the second of a pair begun while the cell was short
     assert not runner.more_rounds(2, 2, 1.0, 0.0) and not runner.more_rounds(1, 1, 1.0, 0.0)
@@ -147,11 +147,30 @@ def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monke
     )
     args = dict(quick=True, batch_sizes=[2], model="random-tiny", systems=["specbatch-ar"], workloads=["n4-sampling"], repeat=2)
     runner.run_bench(tmp_path, **args, cell_seconds=3600.0)
-    assert len(runs) == 8
+    assert len(runs) == 16
     runs.clear()
     runner.run_bench(tmp_path, **args)
     assert len(runs) == 2
     assert main(["bench", "--out", str(tmp_path), "--cell-seconds", "-1"]) == 2
+
+
+def test_a_short_cells_further_rounds_run_plain_decoding_and_the_systems_under_the_bar(tmp_path, monkeypatch):
+    """Rounds beyond --repeat are for the paired ratios: specbatch-ar and the adaptive systems,
+    auto and the control run in them, the rest only in the first --repeat."""
+    names = ["hf-generate", "specbatch-ar", "specbatch-ngram", "specbatch-ngram-adaptive", "specbatch-auto", "specbatch-ar-control"]
+    assert runner.lean_round(names) == ["specbatch-ar", "specbatch-ngram-adaptive", "specbatch-auto", "specbatch-ar-control"]
+    monkeypatch.setattr(runner, "make_workloads", tiny)
+    runs = []
+    monkeypatch.setattr(
+        runner, "SYSTEMS", [(n, m, lambda *a, n=n, fn=fn: runs.append(n) or fn(*a), only) for n, m, fn, only in runner.SYSTEMS]
+    )
+    runner.run_bench(
+        tmp_path, quick=True, batch_sizes=[2], model="random-tiny", workloads=["n4-sampling"], repeat=1, cell_seconds=3600.0,
+        systems=["specbatch-ar", "specbatch-ngram", "specbatch-ngram-adaptive"],
+    )  # fmt: skip
+    assert runs.count("specbatch-ngram") == 1
+    assert runs.count("specbatch-ngram-adaptive") == runner.EXTRA_ROUNDS
+    assert runs.count("specbatch-ar") == 2 * runner.EXTRA_ROUNDS  # beside the adaptive one, before and after
 
 
 def test_the_paired_ratio_is_the_median_of_each_rounds_ratio():
