@@ -316,8 +316,13 @@ def test_the_engine_feeds_the_policy_what_each_step_cost(target, sharp_pair):
     draft's steady forwards by rows, its catch-up (the draft's prefill of new rows), acceptance."""
     draft = noisy_copy(target, 0.3, seed=2)
     # priced as free and accepting well, so that it drafts (a copy of the target never would)
-    # (a short job: an unbounded budget, or its one try would not fit)
-    policy = GoodputPolicy(max_k=3, explore_budget=float("inf"), costs=CostModel(prior_acceptance=0.95, share={"draft": 0.0}))
+    # (a short job: an unbounded budget and payoff, or whether its one try fits and pays would
+    # rest on this machine's timings: on a slow spell the probe waited for the second wave and
+    # then did not pay for the 7 tokens left a row)
+    policy = GoodputPolicy(
+        max_k=3, explore_budget=float("inf"), probe_payoff=float("inf"),
+        costs=CostModel(prior_acceptance=0.95, share={"draft": 0.0}),
+    )  # fmt: skip
     seen = []
     observe = policy.observe
     policy.observe = lambda m: (seen.append(m), observe(m))
