@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "where a slow spell of a shared machine weighs most (default: 0, exactly --repeat)",
     )
     bench.add_argument(
+        "--lean-rounds",
+        type=int,
+        default=0,
+        help="rounds of specbatch-ar and the systems held to 0.95x of it that every cell runs after --repeat, in "
+        "pairs, however long it took: long cells (batch 1), which --cell-seconds never reaches (default: 0)",
+    )
+    bench.add_argument(
         "--systems", default=None, help="comma-separated system names to run (default: all; e.g. specbatch-ar,specbatch-auto)"
     )
     bench.add_argument(
@@ -307,9 +314,12 @@ def cmd_bench(args) -> None:
         raise SpecbatchError(f"--repeat must be >= 1, got {args.repeat}")
     if args.cell_seconds < 0:
         raise SpecbatchError(f"--cell-seconds must be >= 0, got {args.cell_seconds}")
+    if args.lean_rounds < 0:
+        raise SpecbatchError(f"--lean-rounds must be >= 0, got {args.lean_rounds}")
     table = run_bench(
-        Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads, args.cell_seconds
-    ).to_pylist()
+        Path(args.out), args.quick, args.device, sizes, args.model, systems, args.repeat, workloads, args.cell_seconds,
+        args.lean_rounds,
+    ).to_pylist()  # fmt: skip
     to_hf = ratios(table, "hf-generate-batch")
     columns = ["workload", "system", "batch", "tok/s", "x hf-generate-batch", "x specbatch-ar", "paired x ar", "identical", "MFU"]
     columns += ["seconds", "accepted", "steps by arm"]

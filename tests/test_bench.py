@@ -140,6 +140,10 @@ def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monke
     assert [runner.more_rounds(done, 3, 50.0, 10.0) for done in range(4)] == [True, True, True, False]
     assert runner.more_rounds(3, 2, 50.0, 10.0)  # the second of a pair begun while the cell was short
     assert not runner.more_rounds(2, 2, 1.0, 0.0) and not runner.more_rounds(1, 1, 1.0, 0.0)
+    # --lean-rounds: that many more in any cell, however long it took, still in pairs, still capped
+    assert [runner.more_rounds(done, 3, 50.0, 10.0, lean=2) for done in range(6)] == [True] * 5 + [False]
+    assert [runner.more_rounds(done, 3, 50.0, 0.0, lean=1) for done in range(6)] == [True] * 5 + [False]
+    assert [runner.more_rounds(done, 1, 50.0, 0.0, lean=20) for done in range(9)] == [True] * 8 + [False]
     monkeypatch.setattr(runner, "make_workloads", tiny)
     runs = []
     monkeypatch.setattr(
@@ -151,7 +155,11 @@ def test_a_short_cell_runs_more_rounds_in_forward_backward_pairs(tmp_path, monke
     runs.clear()
     runner.run_bench(tmp_path, **args)
     assert len(runs) == 2
+    runs.clear()
+    runner.run_bench(tmp_path, **args, lean_rounds=2)
+    assert len(runs) == 4
     assert main(["bench", "--out", str(tmp_path), "--cell-seconds", "-1"]) == 2
+    assert main(["bench", "--out", str(tmp_path), "--lean-rounds", "-1"]) == 2
 
 
 def test_a_short_cells_further_rounds_run_plain_decoding_and_the_systems_under_the_bar(tmp_path, monkeypatch):

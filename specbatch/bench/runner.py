@@ -180,6 +180,7 @@ def run_bench(
     repeat: int = 1,
     workloads: list[str] | None = None,
     cell_seconds: float = 0.0,
+    lean_rounds: int = 0,
 ) -> pa.Table:
     """systems: names from SYSTEMS (and specbatch-pipeline) to run; None: all of them. workloads:
     names from make_workloads; None: all of them. repeat:
@@ -193,7 +194,11 @@ def run_bench(
     (batch 8 and 32) 7-35 s, so their fastest runs and medians rest on few spell-free rounds
     (plain decoding against itself measured 0.97-1.06 over a full run's cells with up to eight).
     Those further rounds run only what the paired ratios are for: specbatch-ar and the systems
-    under the bar (lean_round); the others' fastest runs are of the first `repeat` rounds."""
+    under the bar (lean_round); the others' fastest runs are of the first `repeat` rounds.
+    lean_rounds: such rounds every cell runs after `repeat`, however long it took (in pairs): at
+    batch 1 a cell's `repeat` rounds take longer than any cell_seconds worth giving the short
+    cells, and which of five runs of 6 s each missed the machine's slow spells decides the
+    fastest."""
     from transformers import AutoTokenizer
 
     wanted = set(check_systems(systems))
@@ -261,7 +266,7 @@ def run_bench(
                 if system in wanted and (size is None or batch == batch_sizes[0])  # batch-size-1 systems: once per workload
             }  # fmt: skip
             started, round_index = time.perf_counter(), 0
-            while more_rounds(round_index, repeat, time.perf_counter() - started, cell_seconds):
+            while more_rounds(round_index, repeat, time.perf_counter() - started, cell_seconds, lean_rounds):
                 # the systems alternate, so a slow spell of the machine hits them alike
                 seconds = []
                 names = list(runs) if round_index < repeat else lean_round(list(runs))
@@ -295,10 +300,11 @@ def run_bench(
 EXTRA_ROUNDS = 8  # a short cell runs up to this many times --repeat rounds (more_rounds)
 
 
-def more_rounds(done: int, repeat: int, elapsed: float, cell_seconds: float) -> bool:
-    """Whether a cell runs another round: `repeat` of them, then, while the cell has taken under
-    cell_seconds, more in forward-backward pairs (round_order), up to EXTRA_ROUNDS times `repeat`."""
-    if done < repeat:
+def more_rounds(done: int, repeat: int, elapsed: float, cell_seconds: float, lean: int = 0) -> bool:
+    """Whether a cell runs another round: `repeat` of them and `lean` more, then, while the cell
+    has taken under cell_seconds, more; those beyond `repeat` in forward-backward pairs
+    (round_order), up to EXTRA_ROUNDS times `repeat` in all."""
+    if done < repeat or (done < repeat + lean and done < EXTRA_ROUNDS * repeat):
         return True
     return done < EXTRA_ROUNDS * repeat and ((done - repeat) % 2 == 1 or elapsed < cell_seconds)
 
