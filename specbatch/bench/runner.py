@@ -304,9 +304,9 @@ def more_rounds(done: int, repeat: int, elapsed: float, cell_seconds: float, lea
     """Whether a cell runs another round: `repeat` of them and `lean` more, then, while the cell
     has taken under cell_seconds, more; those beyond `repeat` in forward-backward pairs
     (round_order), up to EXTRA_ROUNDS times `repeat` in all."""
-    if done < repeat or (done < repeat + lean and done < EXTRA_ROUNDS * repeat):
+    if done < repeat:
         return True
-    return done < EXTRA_ROUNDS * repeat and ((done - repeat) % 2 == 1 or elapsed < cell_seconds)
+    return done < EXTRA_ROUNDS * repeat and (done < repeat + lean or (done - repeat) % 2 == 1 or elapsed < cell_seconds)
 
 
 def lean_round(systems: list[str]) -> list[str]:
