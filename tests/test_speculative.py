@@ -606,6 +606,23 @@ def test_a_miss_every_k_shares_is_learned_once():
     assert costs.bias("ar") == 1.0  # the first plain step had nothing to check it against
 
 
+def test_a_plain_step_is_calibrated_only_where_its_prediction_is_used():
+    """seconds() prices a plain step at a batch size where one ran by what it took, and by the
+    parts' sum times plain's bias only at a size where none ran: a plain step moves the bias at
+    a size seen for the first time, not at every step after (the host work of every plain step)."""
+    costs = CostModel()
+    costs.prefilled(400, 0.050)
+    costs.observe(StepMeasurement("ar", 0, [0] * 4, [0] * 4, 4, 0.010, step_seconds=0.010))
+    costs.observe(StepMeasurement("ar", 0, [0] * 3, [0] * 3, 3, 0.009, step_seconds=0.018))  # size 3: twice its parts
+    moved = costs.bias("ar")
+    assert moved > 1.0
+    costs.observe(StepMeasurement("ar", 0, [0] * 3, [0] * 3, 3, 0.009, step_seconds=0.036))  # size 3 again
+    assert costs.bias("ar") == moved
+    assert costs.seconds("ar", 3, 0) == pytest.approx(0.018 + costs.admission * 3)  # measured there: the median (the lower of 18 and 36 ms)
+    costs.observe(StepMeasurement("ar", 0, [0] * 2, [0] * 2, 2, 0.008, step_seconds=0.016))  # size 2: first seen
+    assert costs.bias("ar") != moved
+
+
 def test_an_unlucky_draft_is_counted_in_acceptance_not_again_in_the_bias():
     """A step that cost what its parts predicted but had its drafts rejected lowers the arm's
     acceptance and leaves its bias at 1: counted in seconds per token, the miss was counted
