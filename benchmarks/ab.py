@@ -28,6 +28,7 @@ from specbatch.bench.models import load_pair
 from specbatch.bench.runner import paired_ratio, pairs, round_order
 from specbatch.bench.workloads import WORKLOADS, make_workloads
 from specbatch.decoding import engine
+from specbatch.decoding.host_memory import hold_freed_memory
 from specbatch.workers.models import DEMO_MODELS
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--sandwich", action="store_true", help="each system between two runs of the first")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    hold_freed_memory()  # as the bench and the workers do
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
     target, draft = load_pair("demo", "cpu", torch.float32, tokenizer.eos_token_id)
     models = systems.Models(target, draft, tokenizer.eos_token_id, "cpu")

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from ..decoding.host_memory import hold_freed_memory
 from ..storage.atomic import write_parquet
 from ..workers.models import DEMO_MODELS
 from .models import load_pair
@@ -203,6 +204,7 @@ def run_bench(
 
     wanted = set(check_systems(systems))
     workloads = check_workloads(workloads)
+    hold_freed_memory()  # as a worker does: page faults were a cost and a noise (decoding/host_memory.py)
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     batch_sizes = batch_sizes or ([8] if quick else [1, 8, 32])

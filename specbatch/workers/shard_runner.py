@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from ..config import RunConfig
 from ..decoding import Engine, GenerationRequest, GenerationResult, SamplingParams
+from ..decoding.host_memory import hold_freed_memory
 from ..decoding.methods import make_speculation
 from ..storage import OutputDir
 from ..storage.schema import ERRORS, GENERATIONS, REQUESTS, SHARDS, STEPS, VERIFICATION
@@ -42,6 +43,7 @@ class ShardRunner:
         self.config = config
         self.worker = worker
         self.node = node
+        hold_freed_memory()  # a worker's steps reuse what the last one freed (decoding/host_memory.py)
         self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         dtype = resolve_dtype(config.dtype, config.device)
         trust = {"trust_remote_code": config.trust_remote_code, "allow_pickle": config.allow_pickle_weights}
