@@ -46,7 +46,7 @@ SCHEMA = pa.schema(
         ("accepted_tokens", pa.int64()),
         ("arm_steps", pa.string()),  # decode steps by what drafted them, e.g. "ngram:9 ar:23"
         ("identical_to_reference", pa.bool_()),  # greedy rows vs hf-generate; null when sampled
-        ("peak_memory_bytes", pa.int64()),  # peak RSS growth (CPU) or peak allocated (GPU) during the run
+        ("peak_memory_bytes", pa.int64()),  # peak RSS growth (CPU: freed memory is held for reuse, so what fits in it shows none) or peak allocated (GPU) during the run
         ("mfu", pa.float64()),
         ("bandwidth_bound_tokens_per_s", pa.float64()),  # GPU: batch x bandwidth / weight bytes; null on CPU
         # this system's fastest run against the fastest of the specbatch-ar runs nearest it (runner.pairs)

@@ -367,7 +367,7 @@ class Engine:
             emitted = self._emit(r, drafts[b][:accepted] + [verdict.next_token[b]])
             if self.proposer is not None:
                 r.result.steps.append(StepRecord(len(r.result.steps), wanted[b], num_draft[b], accepted, emitted, source))
-        shadows = self._shadows(rows, source, num_draft, step_start) if self._shadow_arms else {}
+        shadows = self._shadows(rows, source, num_draft) if self._shadow_arms else {}
         seconds = time.perf_counter() - step_start
         self._decode_seconds += seconds
         plain = self._step_cost[1]
@@ -392,13 +392,13 @@ class Engine:
             )
         return [r for r in rows if r.done]
 
-    def _shadows(self, rows: list[_Row], source: str, num_draft: list[int], step_start: float) -> dict[str, tuple[int, int]]:
+    def _shadows(self, rows: list[_Row], source: str, num_draft: list[int]) -> dict[str, tuple[int, int]]:
         """Score the rows' pending shadow drafts against what they emitted, and give rows without
         one a new one (within SHADOW_BUDGET). A row that drafted with the arm this step has its
         real record instead. Returns arm -> (accepted drafts, first rejections) scored this step."""
         t0 = time.perf_counter()
         scored: dict[str, tuple[int, int]] = {}
-        budget = SHADOW_BUDGET * (self._decode_seconds + t0 - step_start) - self._shadow_seconds  # this step's so far counts
+        fresh = self._shadow_seconds <= SHADOW_BUDGET * self._decode_seconds
         for b, r in enumerate(rows):
             drafted = source if num_draft[b] else None  # the arm this row drafted with for real
             if r.shadow is not None and r.shadow[0] == drafted:
@@ -416,10 +416,7 @@ class Engine:
                     accepted, rejections = scored.get(arm, (0, 0))
                     scored[arm] = (accepted + matched, rejections + rejected)
                     r.shadow = None
-            # Checked row by row: a row's first lookup indexes its whole prompt, and one step
-            # that gave all 32 rows of a batch one spent 1.5 ms, twice the budget of a job of
-            # 0.3 s (n4-sampling b32, CPU).
-            if r.shadow is None and not r.done and time.perf_counter() - t0 <= budget:
+            if r.shadow is None and fresh and not r.done:
                 for arm in self._shadow_arms:
                     if arm != drafted:
                         draft = self.proposer.shadow(arm, r.slot, r.seq, min(self._shadow_k, r.remaining))
