@@ -11,8 +11,9 @@ so the faults were both a cost and a noise that set plain decoding against itsel
 mmap threshold fixed at its 32 MiB ceiling and trimming off, a run takes none after the first.
 
 PyTorch's CPU tuning guide says the same of glibc and proposes jemalloc or tcmalloc through
-LD_PRELOAD; this is the part of it a running process can do for itself. A process that holds
-a model for a whole job keeps at most what its largest step freed.
+LD_PRELOAD; this is the part of it a running process can do for itself. The cost: the process's
+heap stays at its peak (up to 2 GiB of it free) instead of shrinking between steps, which a
+process holding a model for a whole job would reach again at its next large step anyway.
 """
 
 from __future__ import annotations
