@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from specbatch.bench.models import load_pair
 from specbatch.decoding import Engine, GenerationRequest
+from specbatch.decoding.host_memory import hold_freed_memory
 from specbatch.decoding.methods import make_speculation
 from specbatch.workers.models import DEMO_MODELS
 
@@ -36,7 +37,8 @@ METHODS = {
     "lookahead": ("lookahead", "fixed", 3),
     "layerskip": ("layerskip", "fixed", 3),
     "layerskip-adaptive": ("layerskip", "adaptive", 4),
-    "auto": ("auto", "fixed", 3),
+    "auto": ("auto", "adaptive", 4),  # as the CLI's default and the bench run it
+    "auto-fixed": ("auto", "fixed", 3),
 }
 
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {', '.join(METHODS)}")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    hold_freed_memory()  # as the bench and the workers do
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     tok = AutoTokenizer.from_pretrained(DEMO_MODELS["demo"])
     target, draft = load_pair("demo", args.device, dtype, tok.eos_token_id)
